@@ -1,0 +1,221 @@
+"""Preset → Plan: the resolved, printable view of a preset, and the per-stage JSON the trainer reads.
+
+Pure Python + numpy (no torch): the manager and the UI use it too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+from engine.data.mixture import plan_mixture
+from engine.data.sources import DataError, expand_path
+from engine.data.builtin import BUILTINS
+from engine.spec import Preset, StageSpec
+
+STAGE_JSON_VERSION = 1
+
+
+class PlanError(ValueError):
+    """An inconsistency in a valid-looking preset; `yaml_path` says where."""
+
+    def __init__(self, yaml_path: str, msg: str):
+        super().__init__(f"{yaml_path}: {msg}")
+        self.yaml_path, self.msg = yaml_path, msg
+
+
+def world_size(preset: Preset) -> int:
+    c = preset.cluster
+    if c.kind == "local":
+        return c.processes_per_node
+    return sum(n.processes or c.processes_per_node for n in c.nodes)
+
+
+def grad_accum(stage: StageSpec, world: int, where: str = "") -> int:
+    per_step = stage.micro_batch_size * world
+    if stage.global_batch_size % per_step:
+        raise PlanError(f"{where}global_batch_size",
+                        f"{stage.global_batch_size} is not a multiple of micro_batch_size × processes = "
+                        f"{stage.micro_batch_size} × {world}; change global_batch_size or micro_batch_size")
+    return stage.global_batch_size // per_step
+
+
+def warmup_steps(stage: StageSpec, total_steps: int) -> int:
+    s = stage.schedule
+    if s.warmup_steps is not None:
+        return s.warmup_steps
+    if s.warmup_ratio is not None:
+        return math.ceil(s.warmup_ratio * total_steps)
+    return 0
+
+
+def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None) -> dict:
+    """The plan as a JSON-able dict: per stage its steps, batch and tokens per source."""
+    train_tokens = train_tokens or {}
+    world = world_size(preset)
+    stages = []
+    for i, st in enumerate(preset.stages):
+        mix = preset.mixture_of(st)
+        mp = plan_mixture(mix, train_tokens, st.seq_len)
+        if mix.tokens is None and not train_tokens:
+            total_blocks = None  # epochs: unknown until the data is prepared
+        else:
+            total_blocks = mp.total_blocks
+        accum = grad_accum(st, world, f"stages[{i}].")
+        steps = total_blocks // st.global_batch_size if total_blocks is not None else None
+        if steps is not None and st.max_steps:
+            steps = min(steps, st.max_steps)
+        if steps == 0:
+            raise PlanError(f"stages[{i}].mixture", f"the budget gives 0 steps: it is less than one global batch "
+                            f"({st.global_batch_size} × {st.seq_len} tokens); raise the budget or lower the batch")
+        stages.append({
+            "index": i,
+            "name": st.name,
+            "kind": st.kind,
+            "start": st.start,
+            "from": st.from_,
+            "seq_len": st.seq_len,
+            "micro_batch_size": st.micro_batch_size,
+            "global_batch_size": st.global_batch_size,
+            "grad_accum": accum,
+            "tokens_per_step": st.global_batch_size * st.seq_len,
+            "steps": steps,
+            "warmup_steps": warmup_steps(st, steps) if steps else st.schedule.warmup_steps,
+            "tokens": steps * st.global_batch_size * st.seq_len if steps is not None else None,
+            "lr": st.schedule.lr,
+            "schedule": st.schedule.name,
+            "precision": st.precision,
+            "zero_stage": st.zero_stage,
+            "trainable": st.trainable.model_dump(),
+            "lora": st.lora.model_dump() if st.lora else None,
+            "load_optimizer": st.load_optimizer,
+            "load_lr_scheduler": st.load_lr_scheduler,
+            "mixture": {
+                "name": st.mixture if isinstance(st.mixture, str) else None,
+                "budget_tokens": mix.tokens,
+                "epochs": mix.epochs,
+                "sources": [{
+                    "source": s.name, "weight": s.weight, "share": s.share, "tokens": s.tokens,
+                    "available_tokens": train_tokens.get(s.name),
+                    "epochs": s.epochs if s.name in train_tokens else None,
+                } for s in mp.sources],
+                "warnings": mp.warnings,
+            },
+        })
+    return {"preset": preset.name, "description": preset.description, "world_size": world,
+            "cluster": preset.cluster.kind, "stages": stages}
+
+
+def format_plan(plan: dict) -> str:
+    lines = [f"preset {plan['preset']}: {len(plan['stages'])} stage(s), {plan['world_size']} process(es), {plan['cluster']}"]
+    for st in plan["stages"]:
+        steps = st["steps"] if st["steps"] is not None else "?"
+        tokens = f"{st['tokens']:,}" if st["tokens"] is not None else "? (epochs)"
+        lines.append(f"\n[{st['index'] + 1}] {st['name']} ({st['kind']}, start: {st['start']}"
+                     f"{' ' + st['from'] if st['from'] else ''})")
+        lines.append(f"    steps {steps}  tokens {tokens}  seq_len {st['seq_len']}  global batch {st['global_batch_size']}"
+                     f" = micro {st['micro_batch_size']} × accum {st['grad_accum']} × {plan['world_size']} proc")
+        lines.append(f"    lr {st['lr']:g} {st['schedule']}, warmup {st['warmup_steps']}  precision {st['precision']}"
+                     f"  ZeRO {st['zero_stage']}" + ("  LoRA r=%d" % st["lora"]["r"] if st["lora"] else ""))
+        tr = st["trainable"]
+        lines.append(f"    trainable: input_embeddings={tr['input_embeddings']} output_embeddings={tr['output_embeddings']}"
+                     f" transformer={tr['transformer']}")
+        lines.append(f"    {'source':<24} {'weight':>8} {'share':>7} {'tokens':>16} {'epochs':>7}")
+        for s in st["mixture"]["sources"]:
+            ep = f"{s['epochs']:.2f}" if s["epochs"] is not None else "-"
+            lines.append(f"    {s['source']:<24} {s['weight']:>8g} {s['share']:>7.2%} {s['tokens']:>16,} {ep:>7}")
+        for w in st["mixture"]["warnings"]:
+            lines.append(f"    warning: {w}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def _looks_local(p: str) -> bool:
+    return p.startswith(("/", ".", "~", "$")) or os.sep in p and os.path.exists(p)
+
+
+def _model_available(ref: str) -> bool:
+    if os.path.isdir(expand_path(ref)):
+        return True
+    if _looks_local(ref):
+        return False
+    try:  # a hub id is fine if it is already in the local cache (nothing is downloaded at run time)
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(ref, "config.json"), str)
+    except Exception:
+        return False
+
+
+def missing_paths(preset: Preset) -> list[tuple[str, str]]:
+    """(YAML path, problem) for every input that must exist before a run starts, in preset order."""
+    out: list[tuple[str, str]] = []
+    if preset.model.path and not _model_available(preset.model.path):
+        out.append(("model.path", f"{preset.model.path}: no such model directory (and not in the local Hugging Face "
+                    "cache); download it first and point model.path at the directory"))
+    if preset.tokenizer.path and not _model_available(preset.tokenizer.path):
+        out.append(("tokenizer.path", f"{preset.tokenizer.path}: no such tokenizer directory"))
+    for name, src in preset.sources.items():
+        if src.path in BUILTINS:
+            continue
+        try:
+            from engine.data.sources import source_files
+            source_files(src)
+        except DataError as e:
+            out.append((f"sources.{name}.path", str(e)))
+    for i, st in enumerate(preset.stages):
+        if st.from_ and st.from_ not in {s.name for s in preset.stages} and not os.path.exists(expand_path(st.from_)):
+            out.append((f"stages[{i}].from", f"{st.from_}: neither a stage of this preset nor an existing directory"))
+    return out
+
+
+def stage_dir(run_dir: str | Path, stage: StageSpec) -> Path:
+    return Path(run_dir) / "stages" / stage.name
+
+
+def stage_config(preset: Preset, index: int, run_dir: str | Path, prepared: dict) -> dict:
+    """The JSON a trainer process reads (contract version STAGE_JSON_VERSION)."""
+    st = preset.stages[index]
+    run_dir = Path(run_dir)
+    names = [s.name for s in preset.stages]
+
+    def final_of(ref: str) -> str:
+        return str(stage_dir(run_dir, preset.stages[names.index(ref)]) / "final") if ref in names else expand_path(ref)
+
+    resume_from = None
+    if st.start == "previous":
+        model_dir = str(stage_dir(run_dir, preset.stages[index - 1]) / "final") if index else prepared["model_dir"]
+    elif st.start == "init_from":
+        model_dir = final_of(st.from_)
+    else:  # resume: weights and (per the flags) optimizer / scheduler state from a checkpoint
+        if st.from_ in names:
+            ck = sorted((stage_dir(run_dir, preset.stages[names.index(st.from_)]) / "checkpoints").glob("step-*"),
+                        key=lambda p: int(p.name.split("-")[1]))
+            if not ck:
+                raise PlanError(f"stages[{index}].from", f"stage {st.from_!r} left no checkpoint to resume from; "
+                                "set its checkpoint.every_steps")
+            resume_from = str(ck[-1])
+        else:
+            resume_from = expand_path(st.from_)
+        model_dir = prepared["model_dir"] if index == 0 else str(stage_dir(run_dir, preset.stages[index - 1]) / "final")
+    mix = preset.mixture_of(st)
+    return {
+        "version": STAGE_JSON_VERSION,
+        "run_dir": str(run_dir),
+        "stage_index": index,
+        "stage": st.model_dump(mode="json", by_alias=True),
+        "mixture": mix.model_dump(mode="json"),
+        "seed": preset.seed,
+        "model_dir": model_dir,
+        "resume_from": resume_from,
+        "tokenizer_dir": prepared["tokenizer_dir"],
+        "old_vocab_size": prepared.get("old_vocab_size"),
+        "out_dir": str(stage_dir(run_dir, st)),
+        # All prepared sources: the stage trains on its mixture's, and validates on every domain
+        # (the forgetting monitor needs the old domains too).
+        "sources": prepared["sources"],
+        "world_size": world_size(preset),
+    }

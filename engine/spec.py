@@ -1,0 +1,485 @@
+"""The preset schema: pydantic models for a CPT plan, and YAML loading with precise errors.
+
+Pure Python (pydantic + pyyaml): the UI process imports this, so it must never import torch.
+A preset is YAML; `load_preset(path)` validates it into a `Preset`. Every error names the file,
+the YAML path (`stages[2].schedule.warmup_steps`) and the line, plus what to do.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
+from typing_extensions import Annotated
+
+SPEC_VERSION = 1
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo in a preset must never be silently ignored.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ArchConfig(_Strict):
+    """A Llama-style architecture, for a model built from scratch (demo, tests, ablations)."""
+
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: Optional[int] = Field(None, gt=0)
+    max_position_embeddings: int = Field(2048, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_word_embeddings: bool = False
+    vocab_size: Optional[int] = Field(None, gt=0, description="default: the tokenizer's length")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        return self
+
+
+class ModelSpec(_Strict):
+    """The starting model: a local path / hub id of a Hugging Face model, or an architecture."""
+
+    path: Optional[str] = None
+    config: Optional[ArchConfig] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of `path` (a Hugging Face model directory or id) or `config` (an architecture to build)")
+        return self
+
+
+class TokenizerTrainSpec(_Strict):
+    """Train a byte-level BPE tokenizer on the fly (demo / from-scratch models)."""
+
+    sources: list[str] = Field(min_length=1)
+    vocab_size: int = Field(1024, ge=260)
+    max_chars: int = Field(5_000_000, gt=0, description="characters of text to train on")
+
+
+class TokenizerSpec(_Strict):
+    path: Optional[str] = Field(None, description="default: the model's path")
+    train: Optional[TokenizerTrainSpec] = None
+    add_bos: Optional[bool] = Field(None, description="default: the tokenizer's own convention")
+
+    @model_validator(mode="after")
+    def _not_both(self):
+        if self.path is not None and self.train is not None:
+            raise ValueError("give `path` or `train`, not both")
+        return self
+
+
+class VocabularySpec(_Strict):
+    """Vocabulary extension for a new language (EEVE / mean-of-subwords initialisation)."""
+
+    sources: list[str] = Field(min_length=1, description="target-language sources to train new tokens on")
+    new_tokens: Optional[int] = Field(None, gt=0)
+    target_vocab_size: Optional[int] = Field(None, gt=0)
+    min_frequency: int = Field(2, ge=1)
+    model: Literal["bpe"] = "bpe"
+    output_init: Literal["mean", "first_subword"] = "mean"
+    pad_to_multiple_of: int = Field(64, ge=1)
+    max_chars: int = Field(50_000_000, gt=0)
+
+    @model_validator(mode="after")
+    def _size(self):
+        if (self.new_tokens is None) == (self.target_vocab_size is None):
+            raise ValueError("give exactly one of `new_tokens` or `target_vocab_size`")
+        return self
+
+
+# --------------------------------------------------------------------------- data
+
+BUILTIN_SOURCES = ("builtin:stdlib-prose", "builtin:stdlib-code")
+
+
+class SourceSpec(_Strict):
+    """One corpus. `path` is a file, directory, glob, HF dataset dir, or `builtin:stdlib-prose|code`."""
+
+    path: str
+    format: Literal["auto", "jsonl", "parquet", "text", "hf"] = "auto"
+    text_field: str = "text"
+    max_tokens: Optional[int] = Field(None, gt=0, description="cap on training tokens taken from this source")
+    val_tokens: int = Field(0, ge=0, description="tokens held out for validation, never trained on")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="instead of val_tokens: this share of documents "
+                                "(every n-th) is held out, as run_clm's validation_split_percentage")
+    on_error: Literal["skip", "fail"] = "skip"
+    domain: Optional[str] = Field(None, description="validation domain label (default: the source name)")
+
+    @model_validator(mode="after")
+    def _one_val(self):
+        if self.val_tokens and self.val_fraction:
+            raise ValueError("give `val_tokens` or `val_fraction`, not both")
+        return self
+
+
+class MixtureSpec(_Strict):
+    """Token-weighted mixture over sources with a budget (`tokens`) or a number of passes (`epochs`)."""
+
+    weights: dict[str, float] = Field(min_length=1)
+    tokens: Optional[int] = Field(None, gt=0, description="total training tokens of the stage")
+    epochs: Optional[float] = Field(None, gt=0, description="instead of tokens: passes over every source")
+    shuffle: bool = True
+    seed: Optional[int] = None
+    max_repeats: float = Field(4.0, gt=0, description="warn when a source repeats more often than this")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]):
+        for name, w in v.items():
+            if w < 0:
+                raise ValueError(f"weight of source {name!r} is {w}: weights must be >= 0")
+        if sum(v.values()) <= 0:
+            raise ValueError("weights sum to zero: give at least one source a positive weight")
+        return v
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if (self.tokens is None) == (self.epochs is None):
+            raise ValueError("give exactly one of `tokens` (a token budget) or `epochs`")
+        return self
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class TrainableSpec(_Strict):
+    """Which parameters train. `new` = only rows >= old_vocab_size (EEVE); old rows stay bit-identical."""
+
+    input_embeddings: Literal["none", "new", "all"] = "all"
+    output_embeddings: Literal["none", "new", "all"] = "all"
+    transformer: Literal["frozen", "trainable"] = "trainable"
+    old_vocab_size: Optional[int] = Field(None, gt=0, description="default: recorded by vocabulary extension")
+    include: list[str] = Field(default_factory=list, description="regexes of parameter names to train as well")
+    exclude: list[str] = Field(default_factory=list, description="regexes of parameter names to freeze")
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regex(cls, v: list[str]):
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"{p!r} is not a valid regular expression: {e}") from None
+        return v
+
+
+class ReloraSpec(_Strict):
+    merge_every: int = Field(gt=0, description="merge LoRA into the base and re-initialise every T steps")
+    warm_start_steps: int = Field(0, ge=0, description="full-rank steps before LoRA starts")
+    reset: Literal["optimizer", "prune"] = "prune"
+    prune_ratio: float = Field(0.999, ge=0, le=1)
+    rewarmup_steps: int = Field(50, ge=0, description="LR re-warmup after each merge (jagged schedule)")
+
+
+class LoraSpec(_Strict):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    modules_to_save: list[str] = Field(default_factory=list)
+    relora: Optional[ReloraSpec] = None
+
+
+class ScheduleSpec(_Strict):
+    name: Literal["cosine", "linear", "constant", "wsd", "inverse_sqrt"] = "cosine"
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(0.0, ge=0)
+    warmup_steps: Optional[int] = Field(None, ge=0)
+    warmup_ratio: Optional[float] = Field(None, ge=0, le=1)
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: the final fraction of steps that decays")
+
+    @model_validator(mode="after")
+    def _warmup(self):
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("give `warmup_steps` or `warmup_ratio`, not both")
+        if self.min_lr > self.lr:
+            raise ValueError("min_lr must not exceed lr")
+        return self
+
+
+class OptimizerSpec(_Strict):
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+
+
+class CheckpointSpec(_Strict):
+    every_steps: Optional[int] = Field(None, gt=0)
+    every_tokens: Optional[int] = Field(None, gt=0)
+    keep_last: int = Field(2, gt=0)
+
+
+class EvalSpec(_Strict):
+    every_steps: int = Field(50, gt=0)
+    max_blocks: int = Field(16, gt=0, description="validation blocks per domain per evaluation")
+
+
+class StageSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kind: Literal["cpt", "eeve", "anneal", "context_extension", "lora", "relora", "base"] = "cpt"
+    description: str = ""
+    start: Literal["previous", "init_from", "resume"] = Field(
+        "previous", description="previous: weights of the stage before (or the base model); "
+        "init_from: weights of `from`; resume: everything from `from`'s last checkpoint")
+    from_: Optional[str] = Field(None, alias="from", description="a stage name or a checkpoint / HF directory")
+    load_optimizer: bool = True
+    load_lr_scheduler: bool = True
+    mixture: Annotated[
+        Union[Annotated[str, Tag("named")], Annotated[MixtureSpec, Tag("inline")]],
+        Discriminator(lambda v: "named" if isinstance(v, str) else "inline"),
+    ] = Field(description="the name of an entry in `mixtures`, or an inline mixture")
+    trainable: TrainableSpec = Field(default_factory=TrainableSpec)
+    lora: Optional[LoraSpec] = None
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    seq_len: int = Field(gt=0)
+    rope_theta: Optional[float] = Field(None, gt=0, description="context extension: new RoPE base")
+    micro_batch_size: int = Field(1, gt=0)
+    global_batch_size: int = Field(gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload: Literal["none", "cpu"] = "none"
+    gradient_checkpointing: bool = False
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    log_every: int = Field(1, gt=0)
+    nan_policy: Literal["stop", "skip"] = "stop"
+    max_steps: Optional[int] = Field(None, gt=0, description="cap, mostly for smoke tests")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.start in ("init_from", "resume") and not self.from_:
+            raise ValueError(f"start: {self.start} needs `from:` (a stage name or a checkpoint directory)")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError("global_batch_size must be a multiple of micro_batch_size")
+        if self.kind == "relora" and (self.lora is None or self.lora.relora is None):
+            raise ValueError("kind: relora needs `lora.relora` (merge_every, ...)")
+        return self
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+class NodeSpec(_Strict):
+    host: str = Field(min_length=1, description="an ssh destination; ~/.ssh/config applies")
+    user: Optional[str] = None
+    port: Optional[int] = Field(None, gt=0, lt=65536)
+    workdir: str = Field("~/cpt-tui", description="run directory on the node")
+    python: str = Field("python3", description="the node's Python with the engine installed")
+    processes: Optional[int] = Field(None, gt=0, description="default: cluster.processes_per_node")
+    address: Optional[str] = Field(None, description="address other nodes reach this one at (default: host)")
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class ClusterSpec(_Strict):
+    kind: Literal["local", "ssh"] = "local"
+    processes_per_node: int = Field(1, gt=0)
+    nodes: list[NodeSpec] = Field(default_factory=list)
+    main_process_port: int = Field(29500, gt=0, lt=65536)
+    env: dict[str, str] = Field(default_factory=dict, description="propagated to every node")
+    ssh_options: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _nodes(self):
+        if self.kind == "ssh" and not self.nodes:
+            raise ValueError("kind: ssh needs at least one entry in `nodes`")
+        return self
+
+
+# --------------------------------------------------------------------------- preset
+
+
+class Preset(_Strict):
+    name: str
+    description: str = ""
+    seed: int = 1234
+    model: ModelSpec
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    vocabulary: Optional[VocabularySpec] = None
+    sources: dict[str, SourceSpec] = Field(min_length=1)
+    mixtures: dict[str, MixtureSpec] = Field(default_factory=dict, description="named mixtures stages can refer to")
+    stages: list[StageSpec] = Field(min_length=1)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+
+    @model_validator(mode="after")
+    def _references(self):
+        # Cross-references are checked here so the error can carry a precise YAML path.
+        for name, mix in self.mixtures.items():
+            _check_weights(mix, self.sources, f"mixtures.{name}.weights")
+        seen: set[str] = set()
+        for i, st in enumerate(self.stages):
+            if st.name in seen:
+                raise _PathError(f"stages[{i}].name", f"duplicate stage name {st.name!r}")
+            if isinstance(st.mixture, str):
+                if st.mixture not in self.mixtures:
+                    raise _PathError(f"stages[{i}].mixture", f"unknown mixture {st.mixture!r}; defined: {sorted(self.mixtures)}")
+            else:
+                _check_weights(st.mixture, self.sources, f"stages[{i}].mixture.weights")
+            if st.from_ and st.start != "previous" and st.from_ in {s.name for s in self.stages} and st.from_ not in seen:
+                raise _PathError(f"stages[{i}].from", f"stage {st.from_!r} does not run before {st.name!r}")
+            seen.add(st.name)
+        if self.tokenizer.train:
+            for j, s in enumerate(self.tokenizer.train.sources):
+                if s not in self.sources:
+                    raise _PathError(f"tokenizer.train.sources[{j}]", f"unknown source {s!r}; defined: {sorted(self.sources)}")
+        if self.vocabulary:
+            for j, s in enumerate(self.vocabulary.sources):
+                if s not in self.sources:
+                    raise _PathError(f"vocabulary.sources[{j}]", f"unknown source {s!r}; defined: {sorted(self.sources)}")
+        if self.model.config is not None and self.tokenizer.path is None and self.tokenizer.train is None:
+            raise _PathError("tokenizer", "a model built from `config` needs `tokenizer.path` or `tokenizer.train`")
+        return self
+
+    def mixture_of(self, stage: StageSpec) -> MixtureSpec:
+        return self.mixtures[stage.mixture] if isinstance(stage.mixture, str) else stage.mixture
+
+    def stage_index(self, name: str) -> int:
+        for i, s in enumerate(self.stages):
+            if s.name == name:
+                return i
+        raise KeyError(name)
+
+
+def _check_weights(mix: MixtureSpec, sources: dict, where: str) -> None:
+    for src in mix.weights:
+        if src not in sources:
+            raise _PathError(f"{where}.{src}", f"unknown source {src!r}; defined: {sorted(sources)}")
+
+
+class _PathError(ValueError):
+    """A cross-reference error that knows its YAML path (pydantic only knows the model's root)."""
+
+    def __init__(self, path: str, msg: str):
+        super().__init__(msg)
+        self.yaml_path = path
+        self.msg = msg
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class PresetError(Exception):
+    """Invalid preset: `str()` is a complete, user-facing message (file, YAML path, line, fix)."""
+
+    def __init__(self, file: str | Path, problems: list[tuple[str, Optional[int], str]]):
+        self.file = str(file)
+        self.problems = problems  # (yaml path, 1-based line or None, message)
+        lines = [f"{self.file}: invalid preset"]
+        for path, line, msg in problems:
+            lines.append(f"  {self.file}, line {line or '?'}, {path or '(top level)'}: {msg}")
+        super().__init__("\n".join(lines))
+
+
+def _yaml_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _line_of(root: Optional[yaml.Node], loc: tuple) -> Optional[int]:
+    """Walk the composed YAML node tree along `loc`; the line of the deepest node reached."""
+    node, line = root, (root.start_mark.line + 1 if root is not None else None)
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(part):
+                    node, line = v, k.start_mark.line + 1
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+_HINTS = {
+    "extra_forbidden": "unknown key: remove it or check its spelling",
+    "missing": "required field is missing: add it",
+}
+
+
+def _split_path(path: str) -> tuple:
+    parts: list[Any] = []
+    for m in re.finditer(r"([^.\[\]]+)|\[(\d+)\]", path):
+        parts.append(int(m.group(2)) if m.group(2) is not None else m.group(1))
+    return tuple(parts)
+
+
+def parse_preset(text: str, file: str | Path = "<preset>") -> Preset:
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise PresetError(file, [("", line, f"not valid YAML: {getattr(e, 'problem', e)}; fix the syntax")]) from None
+    if not isinstance(data, dict):
+        raise PresetError(file, [("", 1, "a preset must be a YAML mapping (name:, model:, sources:, stages:, ...)")])
+    try:
+        return Preset.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            # pydantic adds union tags to the location; they are not part of the YAML path.
+            loc = tuple(p for p in err["loc"] if p not in ("named", "inline"))
+            ctx_err = (err.get("ctx") or {}).get("error")
+            if isinstance(ctx_err, _PathError):
+                loc = _split_path(ctx_err.yaml_path)
+                msg = ctx_err.msg
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+                if err["type"] in _HINTS:
+                    msg = _HINTS[err["type"]]
+                elif "input" in err and not isinstance(err["input"], (dict, list)):
+                    msg = f"{msg} (got {err['input']!r})"
+            problems.append((_yaml_path(loc), _line_of(root, loc), msg))
+        # Deduplicate (union branches repeat the same problem).
+        uniq = list(dict.fromkeys(problems))
+        raise PresetError(file, uniq) from None
+
+
+def load_preset(path: str | Path) -> Preset:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PresetError(p, [("", None, f"cannot read the preset: {e.strerror}")]) from None
+    except UnicodeDecodeError as e:
+        raise PresetError(p, [("", None, f"not UTF-8 text ({e.reason} at byte {e.start})")]) from None
+    return parse_preset(text, p)
+
+
+def dump_preset(preset: Preset) -> str:
+    data = preset.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    data = {"name": preset.name, **data}
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def preset_error_at(file: str | Path, yaml_path: str, msg: str) -> PresetError:
+    """A PresetError for a problem found after validation (plan checks, missing paths), with its line."""
+    try:
+        root = yaml.compose(Path(file).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        root = None
+    return PresetError(file, [(yaml_path, _line_of(root, _split_path(yaml_path)), msg)])
