@@ -222,7 +222,8 @@ def _node_env(cluster: ClusterSpec, node: NodeSpec, name: str, local_env: Mappin
 def _ssh_prefix(cluster: ClusterSpec, node: NodeSpec, name: str, ssh_config: Optional[Union[str, os.PathLike]],
                 extra: Sequence[str] = ()) -> list[str]:
     for what, value in (("host", node.host), ("user", node.user or "")):
-        if value.startswith("-") or any(c.isspace() for c in value) or "@" in value and what == "user":
+        bad = value.startswith("-") or any(c.isspace() for c in value) or (what == "user" and "@" in value)
+        if bad:  # an option-like or split-able destination would change what ssh does
             raise LaunchError(f"node {name}: invalid ssh {what} {value!r}")
     argv = ["ssh"]
     if ssh_config:

@@ -153,11 +153,15 @@ def _model_available(ref: str) -> bool:
 def missing_paths(preset: Preset) -> list[tuple[str, str]]:
     """(YAML path, problem) for every input that must exist before a run starts, in preset order."""
     out: list[tuple[str, str]] = []
-    if preset.model.path and not _model_available(preset.model.path):
-        out.append(("model.path", f"{preset.model.path}: no such model directory (and not in the local Hugging Face "
-                    "cache); download it first and point model.path at the directory"))
-    if preset.tokenizer.path and not _model_available(preset.tokenizer.path):
-        out.append(("tokenizer.path", f"{preset.tokenizer.path}: no such tokenizer directory"))
+    for where, ref in (("model.path", preset.model.path), ("tokenizer.path", preset.tokenizer.path)):
+        if not ref:
+            continue
+        try:
+            if not _model_available(ref):
+                out.append((where, f"{expand_path(ref)}: no such directory (and not in the local Hugging Face "
+                            f"cache); download it first and point {where} at the directory"))
+        except DataError as e:
+            out.append((where, str(e)))
     for name, src in preset.sources.items():
         if src.path in BUILTINS:
             continue

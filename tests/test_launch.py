@@ -542,3 +542,15 @@ def test_two_node_gloo_run_in_network_namespaces(netns_nodes, tmp_path):
     finally:
         terminate([p for p in procs if p.poll() is None], timeout=10)
         kill_tagged(tag)
+
+
+def test_require_skips_locally_and_fails_in_ci(monkeypatch):
+    from tests.hosts import require
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no netns here"):
+        require(False, "no netns here")
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="CI: no netns here"):
+        require(False, "no netns here")
+    require(True, "never raised")
