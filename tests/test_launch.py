@@ -475,16 +475,19 @@ def test_preflight_unreachable(sshd_loopback):
 
 
 def test_preflight_engine_missing_and_missing_workdir(sshd_loopback, tmp_path):
+    # A real python without the engine: a bare venv (the project's venv may have it installed editable).
+    bare = tmp_path / "bare-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    bare_py = str(bare / "bin" / "python")
     cl = ClusterSpec(kind="ssh", nodes=[
-        # a real python that has accelerate but not the engine: the venv's, outside the project, no PYTHONPATH
-        NodeSpec(host="node-a", workdir=str(tmp_path), python=PY),
-        NodeSpec(host="node-b", workdir=str(tmp_path / "nope"), python=PY),
+        NodeSpec(host="node-a", workdir=str(tmp_path), python=bare_py),
+        NodeSpec(host="node-b", workdir=str(tmp_path / "nope"), python=bare_py),
     ])
     with pytest.raises(LaunchError) as ei:
         preflight(cl, ssh_config=sshd_loopback.ssh_config, local_env={})
     lines = str(ei.value).splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith(f"node node-a: the engine is not installed for {PY}")
+    assert lines[0].startswith(f"node node-a: the engine is not installed for {bare_py}")
     assert "No module named 'engine'" in lines[0] and "pip install" in lines[0]
     assert lines[1].startswith("node node-b: workdir ") and "does not exist" in lines[1]
 
