@@ -96,3 +96,12 @@ def block_order(plan: MixturePlan, seed: int, shuffle: bool = True) -> tuple[np.
                               for _ in range(n_ep)])[: s.blocks]
         idx[labels == si] = seq
     return labels, idx
+
+
+def rank_positions(step: int, rank: int, world: int, global_batch: int, micro_batch: int) -> list[range]:
+    """The positions of the global order that `rank` trains on at optimizer step `step`, one range per
+    micro-batch: rank r takes the r-th contiguous slice of the step's global batch, so the ranks
+    together cover [step*global_batch, (step+1)*global_batch) exactly once (the trainer's slicing)."""
+    per_rank = global_batch // world
+    base = step * global_batch + rank * per_rank
+    return [range(base + m, base + m + micro_batch) for m in range(0, per_rank, micro_batch)]

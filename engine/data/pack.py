@@ -1,31 +1,49 @@
-"""Tokenize a source and pack it: one flat token stream per split (documents + EOS), memory-mapped.
+"""Tokenize a source and pack it: one flat token stream per split (documents + EOS), in shards.
 
-A source is prepared once into `<dir>/train.bin`, `<dir>/val.bin` and `<dir>/manifest.json`.
+A source is prepared once into its directory (see engine.data.shards for the shard files):
+  train-NNNNN.bin, val-NNNNN.bin   fixed-size shards of the two splits (uint16 or uint32)
+  train-docs.idx                   optional: start offset (uint64) of every training document
+  progress.json                    the last commit: reader position, split lengths, counters
+  manifest.json                    written last, atomically: only then is the source complete.
 The stream is independent of the sequence length: a stage cuts it into blocks of its own
-`seq_len` (context extension reuses the same shards). The manifest is written last, atomically:
-a directory without one is never taken for complete.
+`seq_len` (context extension reuses the same shards).
+
+Resumable: every couple of seconds the data is fsynced and a progress record is committed.
+A killed preparation restarts from the last commit (files truncated to the committed lengths,
+reader positioned after the last committed document) and produces the same bytes as an
+uninterrupted one, because the token stream is a pure function of the documents in order.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from engine.data.sources import Counters, DataError, read_documents, source_files
+from engine.data.shards import ShardWriter, TokenStream
+from engine.data.sources import Counters, DataError, Position, SourceReader, source_files
+from engine.data.tokenize import EncodePool, default_workers
 from engine.spec import SourceSpec
 
-FORMAT_VERSION = 1
-BATCH_DOCS = 512
+FORMAT_VERSION = 2
+SHARD_TOKENS = 1 << 27  # 256 MB of uint16 per shard
+BATCH_CHARS, BATCH_DOCS = 1 << 20, 4096  # texts sent to a worker at once
+COMMIT_EVERY_S = float(os.environ.get("CPT_PREP_COMMIT_S", 2.0))  # seconds between progress records
+
+
+def shard_tokens() -> int:
+    return int(os.environ.get("CPT_SHARD_TOKENS", SHARD_TOKENS))
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
 def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
@@ -37,11 +55,11 @@ def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def source_fingerprint(spec: SourceSpec, tok_fp: str) -> str:
-    """Content key of a prepared source: its spec, its files (path, size, mtime), the tokenizer."""
-    h = hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode())
-    h.update(tok_fp.encode())
-    h.update(str(FORMAT_VERSION).encode())
+def spec_fingerprint(spec: SourceSpec) -> str:
+    """Content key of a source without the tokenizer: the spec fields that change the tokens, its files."""
+    d = spec.model_dump(mode="json", exclude={"domain", "on_error"})  # labels and policy, not content
+    h = hashlib.sha256(json.dumps(d, sort_keys=True).encode())
+    h.update(f"{FORMAT_VERSION}|{shard_tokens()}".encode())
     for f in source_files(spec):
         if os.path.exists(f):
             st = os.stat(f)
@@ -49,6 +67,16 @@ def source_fingerprint(spec: SourceSpec, tok_fp: str) -> str:
         else:
             h.update(f.encode())
     return h.hexdigest()[:16]
+
+
+def source_fingerprint(spec: SourceSpec, tok_fp: str) -> str:
+    """Content key of a prepared source: its spec, its files (path, size, mtime), the tokenizer."""
+    return hashlib.sha256(f"{spec_fingerprint(spec)}|{tok_fp}".encode()).hexdigest()[:16]
+
+
+def prepared_dir(cache: str | Path, name: str, spec: SourceSpec, tok_fp: str) -> Path:
+    """Where a source is prepared: keyed by content, so a changed input never reuses stale shards."""
+    return Path(cache) / "prepared" / f"{name}-{source_fingerprint(spec, tok_fp)}"
 
 
 class Tokenizer:
@@ -66,6 +94,14 @@ class Tokenizer:
             raise DataError(f"{tokenizer_dir}: the tokenizer has no eos_token; set one in tokenizer_config.json")
         self.bos_id = hf.bos_token_id if (add_bos if add_bos is not None else _adds_bos(hf)) else None
         self.vocab_size = len(hf)
+        self.dtype = token_dtype(max(self.vocab_size, self.backend.get_vocab_size(with_added_tokens=True)))
+
+    def fingerprint(self, tokenizer_dir: str | Path) -> str:
+        base = tokenizer_fingerprint(tokenizer_dir) if Path(tokenizer_dir).exists() else str(tokenizer_dir)
+        return f"{base}|bos={self.bos_id}|eos={self.eos_id}|{self.dtype.name}"
+
+    def encoder_args(self) -> tuple:
+        return (self.backend.to_str(), self.bos_id, self.eos_id, self.dtype.name)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         encs = self.backend.encode_batch(texts, add_special_tokens=False)
@@ -79,93 +115,6 @@ def _adds_bos(hf) -> bool:
     return bool(ids) and hf.bos_token_id is not None and ids[0] == hf.bos_token_id
 
 
-def _batches(docs: Iterable[str], n: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for d in docs:
-        batch.append(d)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def prepare_source(
-    spec: SourceSpec,
-    name: str,
-    tokenizer: Tokenizer,
-    out_dir: str | Path,
-    tok_fp: str,
-    progress: Callable[[dict], None] | None = None,
-) -> dict:
-    """Prepare one source into `out_dir` (skipped if its manifest matches); returns the manifest."""
-    out = Path(out_dir)
-    fp = source_fingerprint(spec, tok_fp)
-    man_path = out / "manifest.json"
-    if man_path.exists():
-        man = json.loads(man_path.read_text())
-        if man.get("fingerprint") == fp and man.get("format_version") == FORMAT_VERSION:
-            return man
-    out.mkdir(parents=True, exist_ok=True)
-    man_path.unlink(missing_ok=True)  # from here on the directory is incomplete
-    dtype = token_dtype(tokenizer.vocab_size)
-    counters = Counters()
-    val_left, train_left = spec.val_tokens, spec.max_tokens
-    n_val = n_train = 0
-    every = round(1 / spec.val_fraction) if spec.val_fraction else 0  # val_fraction: every n-th document
-    doc_i = 0
-    t0 = time.time()
-    with open(out / "val.bin.tmp", "wb") as fval, open(out / "train.bin.tmp", "wb") as ftrain:
-        for batch in _batches(read_documents(spec, name, counters), BATCH_DOCS):
-            counters.docs += len(batch)
-            for ids in tokenizer.encode_batch(batch):
-                arr = np.asarray(ids, dtype=dtype)
-                doc_i += 1
-                if every and doc_i % every == 0:
-                    fval.write(arr.tobytes())
-                    n_val += len(arr)
-                    continue
-                if val_left > 0:  # validation comes first: it is never part of the training stream
-                    take = arr[:val_left]
-                    fval.write(take.tobytes())
-                    n_val += len(take)
-                    val_left -= len(take)
-                    arr = arr[len(take):]
-                if train_left is not None:
-                    arr = arr[:train_left]
-                    train_left -= len(arr)
-                ftrain.write(arr.tobytes())
-                n_train += len(arr)
-            if progress:
-                progress({"source": name, "docs": counters.docs, "tokens": n_train + n_val, "elapsed": time.time() - t0})
-            if train_left is not None and train_left <= 0:
-                break
-        for f in (fval, ftrain):
-            f.flush()
-            os.fsync(f.fileno())
-    if n_train == 0:
-        raise DataError(f"source {name!r} ({spec.path}): no training tokens (empty source, or val_tokens takes everything)")
-    os.replace(out / "val.bin.tmp", out / "val.bin")
-    os.replace(out / "train.bin.tmp", out / "train.bin")
-    man = {
-        "format_version": FORMAT_VERSION,
-        "source": name,
-        "fingerprint": fp,
-        "tokenizer_fingerprint": tok_fp,
-        "dtype": dtype.name,
-        "eos_id": tokenizer.eos_id,
-        "bos_id": tokenizer.bos_id,
-        "vocab_size": tokenizer.vocab_size,
-        "train": {"file": "train.bin", "tokens": n_train},
-        "val": {"file": "val.bin", "tokens": n_val},
-        "documents": counters.docs,
-        "skipped": counters.skipped,
-        "first_skipped": counters.first_error,
-    }
-    write_json_atomic(man_path, man)
-    return man
-
-
 def write_json_atomic(path: str | Path, obj) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -176,9 +125,294 @@ def write_json_atomic(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def open_tokens(source_dir: str | Path, split: str = "train") -> np.ndarray:
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- routing
+
+
+class _Router:
+    """Sends each encoded document to val or train (or drops it), per val_tokens / val_fraction / max_tokens.
+
+    Validation is taken first (whole documents, the last one cut at val_tokens and its remainder
+    dropped: a document is never split between val and train), or every n-th document with
+    val_fraction. Training stops at max_tokens (the last document cut).
+    """
+
+    def __init__(self, spec: SourceSpec, state: dict):
+        self.every = round(1 / spec.val_fraction) if spec.val_fraction else 0
+        self.doc_i, self.val_left, self.train_left = state["doc_i"], state["val_left"], state["train_left"]
+        self.val_docs, self.train_docs = state["val_docs"], state["train_docs"]
+        # Documents the tokenizer rejected (counted here: the reader's counters cannot know).
+        self.unencodable, self.unencodable_at = state["unencodable"], state["unencodable_at"]
+
+    def state(self) -> dict:
+        return {"doc_i": self.doc_i, "val_left": self.val_left, "train_left": self.train_left,
+                "val_docs": self.val_docs, "train_docs": self.train_docs,
+                "unencodable": self.unencodable, "unencodable_at": self.unencodable_at}
+
+    @property
+    def full(self) -> bool:
+        return self.train_left is not None and self.train_left <= 0
+
+    def route(self, flat: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(val tokens, train tokens, train document start offsets within the train tokens)."""
+        n = len(lens)
+        valid = lens > 0
+        ends = np.cumsum(lens)
+        starts = ends - lens
+        val_take = np.zeros(n, dtype=np.int64)
+        if self.every:
+            k = self.doc_i + np.cumsum(valid)
+            val_take = np.where(valid & (k % self.every == 0), lens, 0)
+        elif self.val_left > 0:
+            for i in np.flatnonzero(valid):
+                if self.val_left <= 0:
+                    break
+                val_take[i] = min(int(lens[i]), self.val_left)
+                self.val_left -= int(val_take[i])
+        self.doc_i += int(valid.sum())
+        is_val = val_take > 0
+        is_train = valid & ~is_val
+        self.val_docs += int(is_val.sum())
+        if not is_val.any():
+            val = flat[:0]
+            train = flat if is_train.all() else flat[np.repeat(is_train, lens)]
+        else:
+            doc_of = np.repeat(np.arange(n), lens)
+            pos = np.arange(len(flat)) - starts[doc_of]
+            val = flat[pos < val_take[doc_of]]
+            train = flat[is_train[doc_of]]
+        tlens = lens[is_train]
+        tstarts = np.cumsum(tlens) - tlens
+        if self.train_left is not None:
+            train = train[: self.train_left]
+            tstarts = tstarts[tstarts < len(train)]
+            self.train_left -= len(train)
+        self.train_docs += len(tstarts)
+        return val, train, tstarts
+
+
+def _batches(reader: SourceReader, after: Optional[Position]) -> Iterator[tuple[dict, list[str]]]:
+    """Batches of texts, each with the reader state after its last document (for the progress record)."""
+    texts: list[str] = []
+    chars = 0
+    pos = after
+    for pos, text in reader.documents(after):
+        texts.append(text)
+        chars += len(text)
+        reader.counters.docs += 1
+        if chars >= BATCH_CHARS or len(texts) >= BATCH_DOCS:
+            yield {"position": pos, "counters": reader.counters.snapshot(), "bytes": reader.bytes_read()}, texts
+            texts, chars = [], 0
+    if texts:
+        yield {"position": pos, "counters": reader.counters.snapshot(), "bytes": reader.bytes_read()}, texts
+
+
+# --------------------------------------------------------------------------- one source
+
+
+def _fresh_state(spec: SourceSpec) -> dict:
+    return {"position": None, "counters": Counters().snapshot(), "bytes": 0, "train_tokens": 0, "val_tokens": 0,
+            "boundaries": 0, "doc_i": 0, "val_left": spec.val_tokens, "train_left": spec.max_tokens,
+            "val_docs": 0, "train_docs": 0, "unencodable": 0, "unencodable_at": None}
+
+
+def _load_progress(out: Path, fp: str, spec: SourceSpec) -> dict:
+    try:
+        rec = json.loads((out / "progress.json").read_text())
+        if rec.get("fingerprint") == fp and rec.get("format_version") == FORMAT_VERSION:
+            return rec["state"]
+    except (OSError, ValueError, KeyError):
+        pass
+    for p in list(out.glob("*.bin")) + list(out.glob("*.idx")) + list(out.glob("*.tmp")):
+        p.unlink()  # leftovers of another input or format: start over
+    (out / "progress.json").unlink(missing_ok=True)
+    return _fresh_state(spec)
+
+
+class _Boundaries:
+    """Append-only uint64 start offsets of training documents (for intra-document attention masks)."""
+
+    def __init__(self, path: Path, committed: int):
+        self.path, self.n = path, committed
+        with open(path, "ab") as f:
+            f.truncate(committed * 8)
+        self._f = open(path, "ab")
+
+    def write(self, offsets: np.ndarray) -> None:
+        self._f.write(offsets.astype(np.uint64).tobytes())
+        self.n += len(offsets)
+
+    def sync(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self.sync()
+        self._f.close()
+
+
+def prepare_source(
+    spec: SourceSpec,
+    name: str,
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    tok_fp: str,
+    progress: Callable[[dict], None] | None = None,
+    pool: EncodePool | None = None,
+) -> dict:
+    """Prepare one source into `out_dir` (nothing to do if its manifest matches); returns the manifest."""
+    out = Path(out_dir)
+    fp = source_fingerprint(spec, tok_fp)
+    man = _complete(out, fp)
+    if man:
+        return man
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process preparing the same source: wait for it
+        man = _complete(out, fp)
+        if man:
+            return man
+        (out / "manifest.json").unlink(missing_ok=True)
+        try:
+            return _prepare_locked(spec, name, tokenizer, out, fp, tok_fp, progress, pool)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DataError(f"{out}: no space left on the device while preparing source {name!r}; the shards "
+                                "committed so far are kept (not marked complete): free space and rerun to continue") from None
+            raise
+
+
+def _complete(out: Path, fp: str) -> Optional[dict]:
+    try:
+        man = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return man if man.get("fingerprint") == fp and man.get("format_version") == FORMAT_VERSION else None
+
+
+def _prepare_locked(spec, name, tokenizer, out, fp, tok_fp, progress, pool) -> dict:
+    state = _load_progress(out, fp, spec)
+    S, dtype = shard_tokens(), tokenizer.dtype
+    reader = SourceReader(spec, name, Counters.restore(state["counters"]))
+    own_pool = pool is None or (pool.workers > 1 and default_workers(reader.total_bytes) == 1)
+    if own_pool:  # small sources are encoded in-process: a pool costs more than it saves
+        pool = EncodePool(tokenizer.encoder_args(), default_workers(reader.total_bytes))
+    train = ShardWriter(out, "train", S, dtype, state["train_tokens"])
+    val = ShardWriter(out, "val", S, dtype, state["val_tokens"])
+    bounds = _Boundaries(out / "train-docs.idx", state["boundaries"]) if spec.keep_boundaries else None
+    router = _Router(spec, state)
+    t0 = t_commit = t_report = time.time()
+    start_bytes, start_tokens = state["bytes"], state["train_tokens"] + state["val_tokens"]
+    _fsync_dir(out)
+
+    def commit(meta: dict) -> None:
+        for w in (train, val, bounds):
+            if w is not None:
+                w.sync()
+        st = {**router.state(), "position": meta["position"], "counters": meta["counters"], "bytes": meta["bytes"],
+              "train_tokens": train.tokens, "val_tokens": val.tokens, "boundaries": bounds.n if bounds else 0}
+        write_json_atomic(out / "progress.json", {"format_version": FORMAT_VERSION, "fingerprint": fp, "state": st})
+        state.update(st)
+
+    try:
+        meta = None
+        if not router.full:
+            for meta, (flat, lens, bad) in pool.map(_batches(reader, state["position"])):
+                if bad:
+                    if spec.on_error == "fail":
+                        raise DataError(f"source {name!r}: a document before record {meta['position']} cannot be "
+                                        "encoded (invalid Unicode, e.g. a lone surrogate); fix it or set on_error: skip")
+                    router.unencodable += len(bad)
+                    router.unencodable_at = router.unencodable_at or f"{reader.files[meta['position'][0]]} before record {meta['position'][1]}"
+                vtoks, ttoks, tstarts = router.route(flat, lens)
+                if bounds is not None:
+                    bounds.write(tstarts + train.tokens)
+                val.write(vtoks)
+                train.write(ttoks)
+                now = time.time()
+                if now - t_commit >= COMMIT_EVERY_S:
+                    commit(meta)
+                    t_commit = now
+                if progress and now - t_report >= 0.5:
+                    t_report = now
+                    progress({"source": name, "bytes": meta["bytes"], "total_bytes": reader.total_bytes,
+                              "documents": meta["counters"]["docs"], "tokens": train.tokens + val.tokens,
+                              "elapsed": now - t0, "bytes_this_run": meta["bytes"] - start_bytes,
+                              "tokens_this_run": train.tokens + val.tokens - start_tokens})
+                if router.full:
+                    break
+            else:  # the reader is exhausted: its counters include records skipped after the last document
+                meta = {"position": meta["position"] if meta else state["position"],
+                        "counters": reader.counters.snapshot(), "bytes": reader.bytes_read()}
+        if meta is not None:
+            commit(meta)
+    finally:
+        if own_pool:
+            pool.close()
+        for w in (train, val, bounds):
+            if w is not None:
+                w.close()
+    counters = Counters.restore(state["counters"])
+    if state["unencodable"]:
+        counters.docs -= state["unencodable"]
+        counters.skipped["unencodable text"] = state["unencodable"]
+        counters.first_error["unencodable text"] = state["unencodable_at"]
+    if train.tokens == 0:
+        why = "; ".join(f"{n} {r} (first at {counters.first_error[r]})" for r, n in counters.skipped.items())
+        raise DataError(f"source {name!r} ({spec.path}): no training tokens — "
+                        + (f"every record was skipped: {why}" if why else
+                           "the source is empty, or val_tokens takes all of it") + "; fix the data or the source")
+    man = {
+        "format_version": FORMAT_VERSION,
+        "source": name,
+        "fingerprint": fp,
+        "spec_fingerprint": spec_fingerprint(spec),
+        "tokenizer_fingerprint": tok_fp,
+        "dtype": dtype.name,
+        "eos_id": tokenizer.eos_id,
+        "bos_id": tokenizer.bos_id,
+        "vocab_size": tokenizer.vocab_size,
+        "shard_tokens": S,
+        "train": {"tokens": train.tokens, "documents": state["train_docs"], "shards": train.shards()},
+        "val": {"tokens": val.tokens, "documents": state["val_docs"], "shards": val.shards()},
+        "boundaries": {"file": "train-docs.idx", "documents": bounds.n} if bounds else None,
+        "documents": counters.docs,
+        "skipped": counters.skipped,
+        "first_skipped": counters.first_error,
+        "input": {"files": len(reader.files), "bytes": reader.total_bytes},
+    }
+    write_json_atomic(out / "manifest.json", man)
+    (out / "progress.json").unlink(missing_ok=True)
+    _fsync_dir(out)
+    return man
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def open_tokens(source_dir: str | Path, split: str = "train") -> TokenStream | np.ndarray:
+    """The tokens of a prepared split as one sliceable sequence (memory-mapped shards)."""
     man = json.loads((Path(source_dir) / "manifest.json").read_text())
-    path = Path(source_dir) / man[split]["file"]
-    if man[split]["tokens"] == 0:
-        return np.zeros(0, dtype=man["dtype"])
-    return np.memmap(path, dtype=man["dtype"], mode="r")
+    sp = man[split]
+    if "shards" not in sp:  # format 1: one file per split
+        if sp["tokens"] == 0:
+            return np.zeros(0, dtype=man["dtype"])
+        return np.memmap(Path(source_dir) / sp["file"], dtype=man["dtype"], mode="r")
+    return TokenStream(source_dir, sp["shards"], man["dtype"])
+
+
+def open_boundaries(source_dir: str | Path) -> Optional[np.ndarray]:
+    """Start offsets of the training documents, if the source kept them (keep_boundaries: true)."""
+    man = json.loads((Path(source_dir) / "manifest.json").read_text())
+    b = man.get("boundaries")
+    if not b or not b["documents"]:
+        return None
+    return np.memmap(Path(source_dir) / b["file"], dtype=np.uint64, mode="r")
+

@@ -1,0 +1,119 @@
+"""Preparation of every source a preset's stages use (the data part of `python -m engine.prepare`),
+and the light cache lookup `cpt-tui plan` uses to show epochs per source without preparing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from engine.data.pack import (FORMAT_VERSION, Tokenizer, prepared_dir, prepare_source, spec_fingerprint,
+                              tokenizer_fingerprint)
+from engine.data.sources import DataError, SourceReader
+from engine.data.tokenize import EncodePool, default_workers
+from engine.spec import Preset
+
+# A model with this many more embedding rows than the tokenizer has ids was made for another
+# tokenizer (real models pad by at most a few hundred rows: Qwen2.5 271, Phi-2 905).
+_MAX_PADDING_ROWS, _MAX_PADDING_SHARE = 1024, 0.02
+
+
+def used_sources(preset: Preset) -> list[str]:
+    names: list[str] = []
+    for st in preset.stages:
+        for s in preset.mixture_of(st).weights:
+            if s not in names:
+                names.append(s)
+    return names
+
+
+def check_vocab_size(tokenizer_len: int, model_dir: str | Path, tokenizer_dir: str | Path) -> None:
+    """The tokenizer's ids must index the model's embedding, and belong to it: DataError otherwise."""
+    cfg = Path(model_dir) / "config.json"
+    if not cfg.exists():
+        return
+    c = json.loads(cfg.read_text())
+    rows = c.get("vocab_size") or c.get("text_config", {}).get("vocab_size")
+    if not rows:
+        return
+    if tokenizer_len > rows:
+        raise DataError(f"tokenizer {tokenizer_dir} has {tokenizer_len:,} ids but model {model_dir} has vocab_size "
+                        f"{rows:,}: ids >= {rows:,} would index past the embedding; use the model's own tokenizer "
+                        "or extend the vocabulary (a `vocabulary:` block)")
+    if rows - tokenizer_len > max(_MAX_PADDING_ROWS, _MAX_PADDING_SHARE * rows):
+        raise DataError(f"tokenizer {tokenizer_dir} has {tokenizer_len:,} ids but model {model_dir} has vocab_size "
+                        f"{rows:,}: the tokenizer belongs to another model; point tokenizer.path at the model's tokenizer")
+
+
+def prepare_data(preset: Preset, tok_dir: str | Path, model_dir: str | Path, cache: Path,
+                 emit: Callable[..., None]) -> dict:
+    """Prepare every used source; returns the prepared.json fields for the data."""
+    tok = Tokenizer(tok_dir, preset.tokenizer.add_bos)
+    check_vocab_size(tok.vocab_size, model_dir, tok_dir)
+    tok_fp = tok.fingerprint(tok_dir)
+    pool: Optional[EncodePool] = None
+    sources = {}
+    try:
+        for name in used_sources(preset):
+            spec = preset.sources[name]
+            out = prepared_dir(cache, name, spec, tok_fp)
+            if pool is None and default_workers(SourceReader(spec, name).total_bytes) > 1:
+                pool = EncodePool(tok.encoder_args(), default_workers(1 << 40))  # shared by the large sources
+            emit("progress", step="data", source=name, message=f"preparing source {name}")
+            t0 = time.time()
+            man = prepare_source(spec, name, tok, out, tok_fp, pool=pool,
+                                 progress=lambda p: emit("progress", step="data", **p))
+            sources[name] = {"dir": str(out), "domain": spec.domain or name,
+                             "train_tokens": man["train"]["tokens"], "val_tokens": man["val"]["tokens"],
+                             "documents": man["documents"], "skipped": man["skipped"]}
+            skipped = sum(man["skipped"].values())
+            emit("progress", step="data", source=name, done=True, tokens=man["train"]["tokens"] + man["val"]["tokens"],
+                 documents=man["documents"], skipped=man["skipped"], seconds=time.time() - t0,
+                 message=f"{name}: {man['train']['tokens']:,} train + {man['val']['tokens']:,} val tokens, "
+                         f"{man['documents']:,} documents" + (f", {skipped:,} skipped" if skipped else ""))
+            for reason, n in man["skipped"].items():
+                emit("warning", kind="data", source=name,
+                     message=f"{name}: skipped {n:,} record(s): {reason} (first at {man['first_skipped'].get(reason)})")
+    finally:
+        if pool is not None:
+            pool.close()
+    return {"sources": sources, "vocab_size": tok.vocab_size, "tokenizer_fingerprint": tok_fp,
+            "data_format_version": FORMAT_VERSION}
+
+
+def cached_train_tokens(preset: Preset, cache: Path) -> dict[str, int]:
+    """Training tokens of the sources already prepared in `cache` (no tokenizer loaded, nothing read).
+
+    A prepared source matches on its spec and files; if several tokenizers prepared it, the one of
+    the preset's tokenizer directory wins (when it exists locally), else the newest.
+    """
+    tok_ref = preset.tokenizer.path or preset.model.path
+    tok_fp = None
+    try:
+        from engine.data.sources import expand_path
+        if tok_ref and (Path(expand_path(tok_ref)) / "tokenizer.json").exists():
+            tok_fp = tokenizer_fingerprint(expand_path(tok_ref))
+    except DataError:
+        pass
+    out: dict[str, int] = {}
+    for name in used_sources(preset):
+        try:
+            sfp = spec_fingerprint(preset.sources[name])
+        except DataError:  # unset ${VAR} or missing files: not prepared here
+            continue
+        best = None
+        for man_path in (cache / "prepared").glob(f"{name}-*/manifest.json"):
+            try:
+                man = json.loads(man_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if man.get("spec_fingerprint") != sfp or man.get("format_version") != FORMAT_VERSION:
+                continue
+            rank = (bool(tok_fp) and man["tokenizer_fingerprint"].startswith(tok_fp), man_path.stat().st_mtime)
+            if best is None or rank > best[0]:
+                best = (rank, man["train"]["tokens"])
+        if best is not None:
+            out[name] = best[1]
+    return out
