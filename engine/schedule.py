@@ -1,8 +1,16 @@
-"""Learning-rate schedules as multipliers of the peak LR (for torch's LambdaLR)."""
+"""Learning-rate schedules: the LR is a pure function of the optimizer step.
+
+No scheduler object carries hidden state: a checkpoint only needs the step and the step at which
+the schedule started (`start`, moved by a resume with `load_lr_scheduler: false`), so resuming
+at step 10 000 costs nothing and the curve continues exactly. ReLoRA's jagged schedule multiplies
+the base schedule by a linear re-warmup after every restart (merge).
+"""
 
 from __future__ import annotations
 
+import bisect
 import math
+from dataclasses import dataclass, field
 
 from engine.spec import ScheduleSpec
 
@@ -26,3 +34,35 @@ def lr_factor(spec: ScheduleSpec, step: int, total: int, warmup: int) -> float:
     if spec.name == "cosine":
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return floor + (1 - floor) * (1 - progress)  # linear, wsd
+
+
+def warmup_for(spec: ScheduleSpec, total: int) -> int:
+    if spec.warmup_steps is not None:
+        return spec.warmup_steps
+    if spec.warmup_ratio is not None:
+        return math.ceil(spec.warmup_ratio * total)
+    return 0
+
+
+@dataclass
+class Schedule:
+    """The LR of a stage: `spec` over steps [start, total), with optional re-warmups at `restarts`."""
+
+    spec: ScheduleSpec
+    total: int
+    start: int = 0
+    restarts: list[int] = field(default_factory=list)  # sorted steps after which the LR re-warms
+    rewarmup: int = 0
+
+    @property
+    def warmup(self) -> int:
+        return warmup_for(self.spec, self.total - self.start)
+
+    def lr(self, step: int) -> float:
+        """The LR of the optimizer step with 0-based index `step`."""
+        s = max(0, step - self.start)
+        f = lr_factor(self.spec, s, self.total - self.start, self.warmup)
+        i = bisect.bisect_right(self.restarts, step) - 1
+        if i >= 0 and self.rewarmup:
+            f *= min(1.0, (step - self.restarts[i] + 1) / self.rewarmup)
+        return self.spec.lr * f

@@ -1,11 +1,21 @@
 """The trainer: one stage, run as `accelerate launch ... -m engine.train STAGE.json`.
 
 A custom accelerate loop (not the HF Trainer): the engine owns the sample order (engine.data.mixture)
-so that the position in a stage is one integer and resume is exact. Writes `events.jsonl` (see
+so that the position in a stage is one integer and resume is exact. Writes `events.jsonl` (schema in
 engine.events), atomic checkpoints under `checkpoints/step-N`, and the final model in Hugging Face
-format under `final/`.
+format under `final/` (LoRA: merged, plus the adapter in `final/adapter/`).
+
+Processes: torch.distributed is the source of truth for rank and world size. Under DeepSpeed on
+CPU accelerate reports one process (PITFALLS 2), so the engine shards batches, reduces metrics,
+saves RNG states and synchronises by itself, never through accelerate's process helpers.
+With DeepSpeed (`accelerate launch --use_deepspeed --deepspeed_config_file ...`, the plugin comes
+from the launcher's environment) the DeepSpeed engine does gradient accumulation, clipping and
+loss scaling; the loop calls its backward/step once per micro-batch.
 
 Exit codes: 0 done, 1 failed, 75 stopped by SIGTERM after a checkpoint (resumable).
+Fault injection, used only by the tests: CPT_FAULT_NAN_STEP="3,7" makes the loss of those
+(1-based) steps NaN; CPT_FAULT_KILL_STEP=k SIGKILLs every rank in the middle of step k;
+CPT_FAULT_SLOW_S=t adds t seconds to every step (time to deliver a signal).
 """
 
 from __future__ import annotations
@@ -13,10 +23,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import sys
 import time
+from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -26,16 +38,12 @@ import torch
 from engine.data.mixture import block_order, plan_mixture
 from engine.data.pack import open_tokens, write_json_atomic
 from engine.events import EventWriter
-from engine.plan import warmup_steps
-from engine.schedule import lr_factor
+from engine.schedule import Schedule
 from engine.spec import MixtureSpec, StageSpec
-from engine.trainable import apply_trainable
+from engine.trainable import RowGuard, apply_patterns, apply_trainable, param_groups
 
 EXIT_STOPPED = 75
-
-
-class Stop(Exception):
-    pass
+CKPT_FORMAT = 1
 
 
 class StageData:
@@ -73,251 +81,53 @@ def val_blocks(cfg: dict, seq_len: int, max_blocks: int) -> dict[str, torch.Tens
     return {d: torch.from_numpy(np.concatenate(v)[:max_blocks].astype(np.int64)) for d, v in by_domain.items()}
 
 
-def _world() -> tuple[int, int]:
-    # torch.distributed is the truth: under DeepSpeed on CPU accelerate may report 1 process.
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+# --------------------------------------------------------------------------- processes
+
+
+class Dist:
+    """Rank, world size and the few collectives the loop needs, straight from torch.distributed."""
+
+    def __init__(self):
+        d = torch.distributed
+        self.on = d.is_available() and d.is_initialized()
+        self.rank = d.get_rank() if self.on else 0
+        self.world = d.get_world_size() if self.on else 1
+
+    def barrier(self) -> None:
+        if self.on and self.world > 1:
+            torch.distributed.barrier()
+
+    def sum(self, values: list[float], device) -> list[float]:
+        """Element-wise sum over ranks, in one collective (a no-op for one process)."""
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if self.on and self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+
+def _faults(name: str) -> set[int]:
+    v = os.environ.get(name, "")
+    return {int(x) for x in v.split(",") if x.strip()}
+
+
+# --------------------------------------------------------------------------- checkpoints
+#
+# checkpoints/step-N/                     (written as .tmp-step-N, renamed when complete)
+#   trainer_state.json   step, position, schedule_start, tokens_per_source, world_size, format
+#   model.safetensors    the (unwrapped; with LoRA: peft-wrapped) model      } without DeepSpeed
+#   optimizer.pt         AdamW state, [scaler.pt] fp16 loss scaler           }
+#   engine/              DeepSpeed's own checkpoint (tag "engine")           } with DeepSpeed
+#   rng-rank{r}.pt       python / numpy / torch RNG states of each rank
+# trainer_state.json is written last: a directory without it is never taken for a checkpoint.
+
+
+def _step_of(p: Path) -> int:
+    return int(p.name.split("-")[1])
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    done = sorted((p for p in ckpt_root.glob("step-*") if (p / "trainer_state.json").exists()),
-                  key=lambda p: int(p.name.split("-")[1]))
+    done = sorted((p for p in ckpt_root.glob("step-*") if (p / "trainer_state.json").exists()), key=_step_of)
     return done[-1] if done else None
-
-
-class Trainer:
-    def __init__(self, cfg: dict):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
-        self.cfg = cfg
-        self.stage = StageSpec.model_validate(cfg["stage"])
-        self.mix = MixtureSpec.model_validate(cfg["mixture"])
-        self.out = Path(cfg["out_dir"])
-        self.ckpt_root = self.out / "checkpoints"
-        cuda = torch.cuda.is_available()
-        precision = self.stage.precision
-        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-        self.notes = []
-        if not cuda and mp == "fp16":  # fp16 autocast needs a GPU; bf16 works on CPU
-            mp = "no"
-            self.notes.append("fp16 requested but no GPU: training in fp32")
-        self.rank, self.world = None, None
-        kwargs = {}
-        ds_cfg = os.environ.get("CPT_DEEPSPEED_CONFIG")
-        if ds_cfg:
-            from accelerate.utils import DeepSpeedPlugin
-            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=json.load(open(ds_cfg)))
-        self.accelerator = Accelerator(cpu=not cuda, mixed_precision=mp, **kwargs)
-        self.rank, self.world = _world()
-        if not ds_cfg and self.accelerator.num_processes != self.world:
-            raise RuntimeError(f"accelerate sees {self.accelerator.num_processes} processes, torch.distributed {self.world}")
-        per_step = self.stage.micro_batch_size * self.world
-        if self.stage.global_batch_size % per_step:
-            raise ValueError(f"global_batch_size {self.stage.global_batch_size} is not a multiple of "
-                             f"micro_batch_size × world size = {per_step}")
-        self.accum = self.stage.global_batch_size // per_step  # accumulated by hand (see run())
-        self.ev = EventWriter(self.out / "events.jsonl", self.stage.name, enabled=self.rank == 0)
-        self.seed = self.mix.seed if self.mix.seed is not None else cfg["seed"] + cfg["stage_index"]
-        set_seed(cfg["seed"] + cfg["stage_index"])
-        self.stop_requested = False
-
-    # ------------------------------------------------------------------ setup
-    def build(self):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        cfg, st = self.cfg, self.stage
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg["tokenizer_dir"])
-        model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
-        if st.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        self.guard = apply_trainable(model, st.trainable, st.trainable.old_vocab_size or cfg.get("old_vocab_size"))
-        decay, no_decay = [], []
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        o = st.optimizer
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=st.schedule.lr, betas=o.betas, eps=o.eps)
-        self.data = StageData(cfg, st, self.mix, self.seed)
-        self.total_steps = len(self.data) // st.global_batch_size
-        if st.max_steps:
-            self.total_steps = min(self.total_steps, st.max_steps)
-        if self.total_steps <= 0:
-            raise ValueError("the stage has 0 steps: its token budget is smaller than one global batch")
-        self.warmup = warmup_steps(st, self.total_steps)
-        # The scheduler is stepped by us once per optimizer step (accelerate's wrapper would step it
-        # once per process), so it is not passed to prepare().
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(st.schedule, s, self.total_steps, self.warmup))
-        self.model, self.optimizer = self.accelerator.prepare(model, opt)
-        self.val = val_blocks(cfg, st.seq_len, st.eval.max_blocks)
-        self.step, self.position = 0, 0
-
-    # ------------------------------------------------------------------ state
-    def save_checkpoint(self) -> None:
-        acc = self.accelerator
-        final = self.ckpt_root / f"step-{self.step}"
-        tmp = self.ckpt_root / f".tmp-step-{self.step}"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if self.rank == 0:
-            state = {"step": self.step, "position": self.position, "scheduler": self.scheduler.state_dict(),
-                     "tokens_per_source": self.data.tokens_per_source(self.position)}
-            write_json_atomic(tmp / "trainer_state.json", state)
-            _fsync_tree(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            _fsync_dir(self.ckpt_root)
-            kept = sorted((p for p in self.ckpt_root.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
-            for old in kept[: -self.stage.checkpoint.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-            self.ev.emit("checkpoint", step=self.step, path=str(final))
-        acc.wait_for_everyone()
-
-    def load_checkpoint(self, path: Path, full: bool = True) -> None:
-        st = self.stage
-        load_opt = full or st.load_optimizer
-        load_sched = full or st.load_lr_scheduler
-        opt_state = None if load_opt else self.optimizer.state_dict()
-        self.accelerator.load_state(str(path))
-        if not load_opt:  # weights only: a fresh optimizer state
-            self.optimizer.load_state_dict(opt_state)
-        state = json.loads((path / "trainer_state.json").read_text())
-        # The step and data position are kept whatever load_optimizer / load_lr_scheduler say.
-        self.step, self.position = state["step"], state["position"]
-        if load_sched:
-            self.scheduler.load_state_dict(state["scheduler"])
-        else:
-            self.scheduler.last_epoch = self.step
-            for g in self.optimizer.param_groups:
-                g["lr"] = st.schedule.lr * lr_factor(st.schedule, self.step, self.total_steps, self.warmup)
-
-    # ------------------------------------------------------------------ eval
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        self.model.eval()
-        out = {}
-        mb = self.stage.micro_batch_size
-        for domain, blocks in self.val.items():
-            total, n = 0.0, 0
-            for i in range(0, len(blocks), mb):
-                x = blocks[i:i + mb].to(self.accelerator.device)
-                with self.accelerator.autocast():
-                    loss = self.model(input_ids=x, labels=x).loss
-                k = x.numel() - x.shape[0]  # predicted positions
-                total += loss.float().item() * k
-                n += k
-            out[domain] = total / n
-            self.ev.emit("eval", step=self.step, tokens=self.position * self.stage.seq_len, domain=domain,
-                         loss=out[domain], blocks=len(blocks))
-        self.model.train()
-        return out
-
-    # ------------------------------------------------------------------ loop
-    def run(self) -> int:
-        st, acc = self.stage, self.accelerator
-        self.ev.emit("status", state="starting", world_size=self.world, grad_accum=self.accum)
-        for n in self.notes:
-            self.ev.emit("warning", message=n)
-        self.build()
-        resumed = latest_checkpoint(self.ckpt_root)
-        if resumed is not None:
-            self.load_checkpoint(resumed, full=True)
-        elif self.cfg.get("resume_from"):
-            self.load_checkpoint(Path(self.cfg["resume_from"]), full=False)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        self.ev.emit("status", state="running", step=self.step, total_steps=self.total_steps,
-                     resumed_from=str(resumed) if resumed else None)
-        if self.step == 0 and self.val:
-            self.evaluate()
-        per_rank = st.micro_batch_size * self.accum
-        gb, mb = st.global_batch_size, st.micro_batch_size
-        t_last, tok_last = time.time(), self.position * st.seq_len
-        self.model.train()
-        while self.step < self.total_steps:
-            base = self.step * gb + self.rank * per_rank
-            loss_sum = torch.zeros((), device=acc.device)
-            for m in range(self.accum):
-                x = self.data.batch(range(base + m * mb, base + (m + 1) * mb)).to(acc.device)
-                sync = m == self.accum - 1
-                ctx = nullcontext() if sync or self.world == 1 else acc.no_sync(self.model)
-                with ctx:
-                    with acc.autocast():
-                        loss = self.model(input_ids=x, labels=x).loss
-                    acc.backward(loss / self.accum)
-                loss_sum += loss.detach().float()
-            grad_norm = None
-            if st.optimizer.grad_clip:
-                grad_norm = acc.clip_grad_norm_(self.model.parameters(), st.optimizer.grad_clip)
-            mean_loss = acc.reduce(loss_sum / self.accum, reduction="mean").item()
-            if not math.isfinite(mean_loss):
-                self.ev.emit("warning", kind="nan", step=self.step + 1, message=f"non-finite loss {mean_loss}")
-                if st.nan_policy == "stop":
-                    self.ev.emit("status", state="failed", reason=f"non-finite loss at step {self.step + 1}")
-                    return 1
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                self.position += gb
-                continue
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.guard.restore()
-            lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
-            self.step += 1
-            self.position += gb
-            tokens = self.position * st.seq_len
-            if self.step % st.log_every == 0 or self.step == self.total_steps:
-                now = time.time()
-                tps = (tokens - tok_last) / max(now - t_last, 1e-9)
-                t_last, tok_last = now, tokens
-                self.ev.emit("metric", step=self.step, tokens=tokens, loss=mean_loss, lr=lr,
-                             grad_norm=float(grad_norm) if grad_norm is not None else None, tokens_per_s=tps,
-                             total_steps=self.total_steps)
-            if self.val and (self.step % st.eval.every_steps == 0 or self.step == self.total_steps):
-                self.evaluate()
-            ck = st.checkpoint
-            if (ck.every_steps and self.step % ck.every_steps == 0) or (
-                    ck.every_tokens and tokens // ck.every_tokens != (tokens - gb * st.seq_len) // ck.every_tokens):
-                if self.step < self.total_steps:
-                    self.save_checkpoint()
-            if self._stop_agreed():
-                self.save_checkpoint()
-                self.ev.emit("status", state="stopped", step=self.step, reason="SIGTERM")
-                return EXIT_STOPPED
-        self.export()
-        self.ev.emit("status", state="done", step=self.step, tokens=self.position * st.seq_len)
-        return 0
-
-    def _on_sigterm(self, *_):
-        self.stop_requested = True
-
-    def _stop_agreed(self) -> bool:
-        # Every rank must stop after the same step, or the collectives of the next one would hang.
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
-
-    def export(self) -> None:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        final = self.out / "final"
-        model = acc.unwrap_model(self.model)
-        if acc.is_main_process:
-            tmp = self.out / ".tmp-final"
-            shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(str(tmp), state_dict=acc.get_state_dict(self.model))
-            self.tokenizer.save_pretrained(str(tmp))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-        else:
-            acc.get_state_dict(self.model)  # ZeRO-3 gathers collectively
-        acc.wait_for_everyone()
 
 
 def _fsync_tree(root: Path) -> None:
@@ -325,7 +135,8 @@ def _fsync_tree(root: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(root)
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        _fsync_dir(d)
 
 
 def _fsync_dir(d: Path) -> None:
@@ -336,17 +147,482 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def _rng_state() -> dict:
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    def __init__(self, cfg: dict):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        self.stage = st = StageSpec.model_validate(cfg["stage"])
+        self.mix = MixtureSpec.model_validate(cfg["mixture"])
+        self.out = Path(cfg["out_dir"])
+        self.ckpt_root = self.out / "checkpoints"
+        self.ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        cuda = torch.cuda.is_available()
+        self.notes: list[tuple[str, str]] = []
+        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[st.precision]
+        if not cuda and mp == "fp16":  # fp16 autocast and loss scaling need a GPU; bf16 works on CPU
+            mp = "no"
+            self.notes.append(("precision", "fp16 requested but no GPU: training in fp32 (use bf16 on CPU)"))
+        # DeepSpeed on CPU only engages with cpu=False (cpu=True silently falls back to DDP).
+        self.accelerator = Accelerator(cpu=not cuda and not self.ds, mixed_precision=mp)
+        self.dist = Dist()
+        self.rank, self.world = self.dist.rank, self.dist.world
+        self.ev = EventWriter(self.out / "events.jsonl", st.name, enabled=self.rank == 0)
+        self._check_processes()
+        per_step = st.micro_batch_size * self.world
+        if st.global_batch_size % per_step:
+            raise ValueError(f"global_batch_size {st.global_batch_size} is not a multiple of "
+                             f"micro_batch_size × world size = {st.micro_batch_size} × {self.world}")
+        self.accum = st.global_batch_size // per_step
+        self.relora = st.lora.relora if st.lora else None
+        if self.relora and self.ds:
+            raise ValueError("ReLoRA under DeepSpeed is not supported (merging needs unpartitioned weights and "
+                             "optimizer state); use zero_stage: 0")
+        if self.relora and self.relora.warm_start_steps and self.world > 1:
+            raise ValueError("ReLoRA warm_start_steps with several processes is not supported yet")
+        if st.lora and st.zero_stage == 3:
+            raise ValueError("LoRA with ZeRO-3 is not supported: use zero_stage 1 or 2")
+        self.seed = self.mix.seed if self.mix.seed is not None else cfg["seed"] + cfg["stage_index"]
+        set_seed(cfg["seed"] + cfg["stage_index"])
+        self.stop_requested = False
+        self.nan_steps = _faults("CPT_FAULT_NAN_STEP")
+        self.kill_steps = _faults("CPT_FAULT_KILL_STEP")
+        self.slow = float(os.environ.get("CPT_FAULT_SLOW_S", "0"))  # seconds added to each step
+
+    def _check_processes(self) -> None:
+        acc = self.accelerator
+        if self.ds:
+            from accelerate.utils import DistributedType
+
+            if acc.distributed_type != DistributedType.DEEPSPEED:
+                raise RuntimeError("launched with --use_deepspeed but accelerate did not enable DeepSpeed")
+            ds_cfg = acc.state.deepspeed_plugin.deepspeed_config
+            want = self.stage.global_batch_size
+            if ds_cfg.get("train_batch_size") not in (want, "auto"):
+                raise ValueError(f"the DeepSpeed config's train_batch_size {ds_cfg.get('train_batch_size')} is not "
+                                 f"the stage's global_batch_size {want} (world size {self.world})")
+        elif acc.num_processes != self.world:
+            raise RuntimeError(f"accelerate sees {acc.num_processes} processes, torch.distributed {self.world}")
+
+    # ------------------------------------------------------------------ setup
+    def build(self, weights_from: Path | None) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        cfg, st = self.cfg, self.stage
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg["tokenizer_dir"])
+        mconf = AutoConfig.from_pretrained(cfg["model_dir"])
+        _extend_context(mconf, st.seq_len, st.rope_theta)
+        model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], config=mconf, dtype=torch.float32,
+                                                     attn_implementation="sdpa")
+        if st.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        old_vocab = st.trainable.old_vocab_size or cfg.get("old_vocab_size")
+        self.full_rank: list[torch.nn.Parameter] = []
+        if st.lora:
+            from engine.lora import apply_lora, lora_params
+
+            self.guard = RowGuard()  # LoRA stages: the base is frozen, `trainable` rows do not apply
+            if self.relora and self.relora.warm_start_steps:
+                apply_trainable(model, st.trainable, old_vocab)
+                self.full_rank = [p for p in model.parameters() if p.requires_grad]
+            model = apply_lora(model, st.lora)
+            apply_patterns(model, st.trainable.include, st.trainable.exclude)
+            for p in self.full_rank:  # in the optimizer from the start; set_relora_phase picks who learns
+                p.requires_grad_(True)
+            self.adapters = lora_params(model)
+        else:
+            self.guard = apply_trainable(model, st.trainable, old_vocab)
+        if weights_from is not None:  # `start: resume` from another stage: its weights, before wrapping
+            _load_weights(model, weights_from)
+        o = st.optimizer
+        self.opt = torch.optim.AdamW(param_groups(model, o.weight_decay, self.guard), lr=st.schedule.lr,
+                                     betas=o.betas, eps=o.eps)
+        self.data = StageData(cfg, st, self.mix, self.seed)
+        self.total_steps = len(self.data) // st.global_batch_size
+        if st.max_steps:
+            self.total_steps = min(self.total_steps, st.max_steps)
+        if self.total_steps <= 0:
+            raise ValueError("the stage has 0 steps: its token budget is smaller than one global batch")
+        self.schedule = Schedule(st.schedule, self.total_steps, restarts=self._restarts(),
+                                 rewarmup=self.relora.rewarmup_steps if self.relora else 0)
+        self.model, self.optimizer = self.accelerator.prepare(model, self.opt)
+        self.unwrapped = self.model.module if self.ds else self.accelerator.unwrap_model(self.model)
+        self.val = val_blocks(cfg, st.seq_len, st.eval.max_blocks)
+        self.step, self.position = 0, 0
+
+    def _restarts(self) -> list[int]:
+        """Steps after which ReLoRA restarts: the end of the warm start, then every merge."""
+        r = self.relora
+        if not r:
+            return []
+        first = [r.warm_start_steps] if r.warm_start_steps else []
+        return first + list(range(r.warm_start_steps + r.merge_every, self.total_steps, r.merge_every))
+
+    # ------------------------------------------------------------------ state
+    def save_checkpoint(self) -> None:
+        final = self.ckpt_root / f"step-{self.step}"
+        tmp = self.ckpt_root / f".tmp-step-{self.step}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        if self.ds:
+            self.model.save_checkpoint(str(tmp), tag="engine")  # collective: every rank writes its partition
+        elif self.rank == 0:
+            from safetensors.torch import save_model
+
+            save_model(self.unwrapped, str(tmp / "model.safetensors"))
+            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+            if self.accelerator.scaler is not None:
+                torch.save(self.accelerator.scaler.state_dict(), tmp / "scaler.pt")
+            if not self.stage.lora:  # a plain HF config: `init_from` can point at a checkpoint
+                self.unwrapped.config.save_pretrained(str(tmp))
+        torch.save(_rng_state(), tmp / f"rng-rank{self.rank}.pt")
+        self.dist.barrier()
+        if self.rank == 0:
+            state = {"format": CKPT_FORMAT, "step": self.step, "position": self.position,
+                     "schedule_start": self.schedule.start, "world_size": self.world, "deepspeed": self.ds,
+                     "tokens_per_source": self.data.tokens_per_source(self.position)}
+            write_json_atomic(tmp / "trainer_state.json", state)
+            _fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _fsync_dir(self.ckpt_root)
+            kept = sorted(self.ckpt_root.glob("step-*"), key=_step_of)
+            for old in kept[: -self.stage.checkpoint.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            self.ev.emit("checkpoint", step=self.step, path=str(final), tokens=self.tokens)
+        self.dist.barrier()
+
+    def load_checkpoint(self, path: Path, own: bool) -> None:
+        """Own checkpoint (a restart of this stage): everything. Another stage's (`start: resume`):
+        weights were loaded in build(); optimizer / schedule per load_optimizer / load_lr_scheduler.
+        The step and data position are kept in both cases."""
+        st = self.stage
+        state = json.loads((path / "trainer_state.json").read_text())
+        if own and not self.ds:
+            from safetensors.torch import load_model
+
+            load_model(self.unwrapped, str(path / "model.safetensors"))
+        if own or st.load_optimizer:
+            self._load_optimizer(path, own)
+        if own:
+            rng = path / f"rng-rank{self.rank}.pt"
+            if rng.exists():
+                _set_rng_state(torch.load(rng, weights_only=False))
+        self.step, self.position = state["step"], state["position"]
+        self.schedule.start = state.get("schedule_start", 0) if (own or st.load_lr_scheduler) else self.step
+        if self.step >= self.total_steps and not own:
+            raise ValueError(f"resumed at step {self.step}, but this stage ends at step {self.total_steps} "
+                             "(steps count from the start of the resumed run, as nanotron's train_steps)")
+        if self.position + (self.total_steps - self.step) * st.global_batch_size > len(self.data):
+            raise ValueError(f"resumed at block {self.position} of {len(self.data)}: this stage's mixture has too "
+                             "few blocks left for its steps; raise its budget")
+
+    def _load_optimizer(self, path: Path, own: bool) -> None:
+        if self.ds and (path / "engine").is_dir():  # DeepSpeed restores module and optimizer together
+            self.model.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+        elif not self.ds and (path / "optimizer.pt").exists():
+            try:
+                self.opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+            except ValueError as e:
+                if own:
+                    raise
+                self.ev.emit("warning", kind="config", message=f"optimizer state of {path} does not fit this "
+                             f"stage's parameters ({e}); starting with a fresh optimizer")
+            if (path / "scaler.pt").exists() and self.accelerator.scaler is not None:
+                self.accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt"))
+        elif own:
+            raise RuntimeError(f"{path}: checkpoint written {'without' if self.ds else 'with'} DeepSpeed; "
+                               "restart the stage with the same zero_stage")
+        else:
+            self.ev.emit("warning", kind="config", message=f"{path} holds no optimizer state usable "
+                         f"{'with' if self.ds else 'without'} DeepSpeed; starting with a fresh optimizer")
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss per predicted token and domain. Blocks are sharded over ranks, padded so that
+        every rank runs the same number of forwards (ZeRO-3 gathers weights collectively)."""
+        self.model.eval()
+        out = {}
+        mb = self.stage.micro_batch_size
+        dev = self.accelerator.device
+        for domain, blocks in self.val.items():
+            mine = blocks[self.rank::self.world]
+            per_rank = math.ceil(len(blocks) / self.world)
+            total, n = 0.0, 0
+            for i in range(0, per_rank, mb):
+                x = (mine[i:i + mb] if i < len(mine) else blocks[:1]).to(dev)
+                real = max(0, min(mb, len(mine) - i))
+                with self.accelerator.autocast():
+                    loss = self.model(input_ids=x, labels=x).loss
+                if real:
+                    k = real * (x.shape[1] - 1)  # predicted positions of the real blocks
+                    total += loss.float().item() * k
+                    n += k
+            total, n = self.dist.sum([total, float(n)], dev)
+            out[domain] = total / n
+            self.ev.emit("eval", step=self.step, tokens=self.tokens, domain=domain, loss=out[domain],
+                         blocks=len(blocks))
+        self.model.train()
+        return out
+
+    # ------------------------------------------------------------------ loop
+    @property
+    def tokens(self) -> int:
+        return self.position * self.stage.seq_len
+
+    def run(self) -> int:
+        st = self.stage
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.ev.emit("status", state="starting", world_size=self.world, grad_accum=self.accum,
+                     threads=torch.get_num_threads())
+        for kind, msg in self.notes:
+            self.ev.emit("warning", kind=kind, message=msg)
+        if self.rank == 0:
+            for stale in self.ckpt_root.glob(".tmp-step-*"):  # a checkpoint interrupted mid-write
+                shutil.rmtree(stale, ignore_errors=True)
+        resumed = latest_checkpoint(self.ckpt_root)
+        other = Path(self.cfg["resume_from"]) if resumed is None and self.cfg.get("resume_from") else None
+        self.build(weights_from=other)
+        if resumed is not None:
+            self.load_checkpoint(resumed, own=True)
+        elif other is not None:
+            self.load_checkpoint(other, own=False)
+        if self.relora:
+            self._set_phase()
+        self.ev.emit("status", state="running", step=self.step, total_steps=self.total_steps,
+                     resumed_from=str(resumed or other) if (resumed or other) else None)
+        if resumed is None and self.val:
+            self.evaluate()
+        ck = st.checkpoint
+        checkpointing = bool(ck.every_steps or ck.every_tokens)
+        spikes: deque = deque(maxlen=st.spike_window)
+        t_start = t_last = time.perf_counter()
+        cpu_last = time.process_time()
+        tok_last, step_last, wait, skipped = self.tokens, self.step, 0.0, 0
+        self.model.train()
+        while self.step < self.total_steps:
+            lr = self.schedule.lr(self.step)
+            loss, grad_norm, stop, w = self.train_step(lr)
+            wait += w
+            self.step += 1
+            self.position += st.global_batch_size
+            if loss is None:  # non-finite: stopped, or the batch was skipped
+                if st.nan_policy == "stop" or self.ds:
+                    self.ev.emit("status", state="failed", step=self.step, exit_code=1,
+                                 reason=f"non-finite loss at step {self.step}")
+                    return 1
+                skipped += 1
+            else:
+                if len(spikes) == spikes.maxlen and loss >= st.spike_factor * (mean := sum(spikes) / len(spikes)):
+                    self.ev.emit("warning", kind="loss_spike", step=self.step, loss=loss, mean=mean,
+                                 message=f"loss {loss:.4g} >= {st.spike_factor:g} × recent mean {mean:.4g}")
+                spikes.append(loss)
+            if self.relora:
+                self._relora_after_step()
+            if loss is not None and (self.step % st.log_every == 0 or self.step == self.total_steps):
+                now = time.perf_counter()
+                dt = max(now - t_last, 1e-9)
+                self.ev.emit("metric", step=self.step, tokens=self.tokens, loss=loss, lr=lr, grad_norm=grad_norm,
+                             tokens_per_s=(self.tokens - tok_last) / dt, total_steps=self.total_steps,
+                             data_wait_s=wait, step_time_s=dt / max(1, self.step - step_last),
+                             cpu_s=time.process_time() - cpu_last, elapsed=now - t_start, skipped=skipped)
+                t_last, tok_last, step_last, wait, cpu_last = now, self.tokens, self.step, 0.0, time.process_time()
+            if self.val and (self.step % st.eval.every_steps == 0 or self.step == self.total_steps):
+                self.evaluate()
+            step_tokens = st.global_batch_size * st.seq_len
+            if (ck.every_steps and self.step % ck.every_steps == 0) or (
+                    ck.every_tokens and self.tokens // ck.every_tokens != (self.tokens - step_tokens) // ck.every_tokens) \
+                    or (checkpointing and self.step == self.total_steps):
+                self.save_checkpoint()
+            elif stop:
+                self.save_checkpoint()
+            if stop:
+                self.ev.emit("status", state="stopped", step=self.step, reason="SIGTERM", exit_code=EXIT_STOPPED)
+                return EXIT_STOPPED
+        self.export()
+        self.ev.emit("status", state="done", step=self.step, tokens=self.tokens, export=str(self.out / "final"),
+                     exit_code=0)
+        return 0
+
+    def train_step(self, lr: float) -> tuple[float | None, float | None, bool, float]:
+        """One optimizer step over the rank's share of the global batch. Returns (mean loss over the
+        whole batch, or None if non-finite; grad norm; whether any rank got SIGTERM; data wait)."""
+        st, acc = self.stage, self.accelerator
+        mb, n = st.micro_batch_size, self.accum
+        base = self.position + self.rank * mb * n
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        wait = 0.0
+        if self.slow:
+            time.sleep(self.slow)
+        for m in range(n):
+            t0 = time.perf_counter()
+            x = self.data.batch(range(base + m * mb, base + (m + 1) * mb)).to(acc.device, non_blocking=True)
+            wait += time.perf_counter() - t0
+            last = m == n - 1
+            if self.ds:
+                loss = self.model(input_ids=x, labels=x).loss
+                loss = self._fault(loss, m)
+                self.model.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+                if not last:
+                    self.model.step()  # counts the micro-step; it updates only at the boundary
+            else:
+                ctx = acc.no_sync(self.model) if self.world > 1 and not last else nullcontext()
+                with ctx:
+                    with acc.autocast():
+                        loss = self.model(input_ids=x, labels=x).loss
+                    loss = self._fault(loss, m)
+                    acc.backward(loss / n)
+            loss_sum += loss.detach().double().cpu()
+        total, stop = self.dist.sum([float(loss_sum), 1.0 if self.stop_requested else 0.0], acc.device)
+        mean = total / (n * self.world)
+        if not math.isfinite(mean):
+            self.ev.emit("warning", kind="nan", step=self.step + 1, loss=None,
+                         message=f"non-finite loss at step {self.step + 1}: "
+                         + ("batch skipped" if st.nan_policy == "skip" and not self.ds else
+                            "stopping" + (" (DeepSpeed cannot skip a step)" if self.ds else "")))
+            self.optimizer.zero_grad(set_to_none=True)
+            return None, None, stop > 0, wait
+        if self.ds:
+            self.model.step()
+            gn = self.model.get_global_grad_norm()
+            grad_norm = float(gn) if gn is not None else None
+        else:
+            grad_norm = None
+            if st.optimizer.grad_clip:
+                grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), st.optimizer.grad_clip))
+            self.guard.decay(lr, st.optimizer.weight_decay)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.guard.restore()
+        return mean, grad_norm, stop > 0, wait
+
+    def _fault(self, loss: torch.Tensor, micro: int) -> torch.Tensor:
+        step = self.step + 1
+        if step in self.kill_steps and micro == 0:
+            os.kill(os.getpid(), signal.SIGKILL)  # a hard crash in the middle of a step
+        if step in self.nan_steps:
+            return loss * float("nan")
+        return loss
+
+    # ------------------------------------------------------------------ ReLoRA
+    def _set_phase(self) -> None:
+        from engine.lora import set_relora_phase
+
+        set_relora_phase(self.unwrapped, self.step < self.relora.warm_start_steps, self.full_rank)
+
+    def _relora_after_step(self) -> None:
+        from engine.lora import merge_and_reinit, reset_optimizer_state
+
+        r, s = self.relora, self.step
+        if r.warm_start_steps and s == r.warm_start_steps:
+            self._set_phase()
+            self.ev.emit("relora", step=s, action="switch")
+        elif s > r.warm_start_steps and (s - r.warm_start_steps) % r.merge_every == 0 and s < self.total_steps:
+            norm = merge_and_reinit(self.unwrapped, seed=self.seed * 1_000_003 + s)
+            reset_optimizer_state(self.opt, self.adapters, r.reset, r.prune_ratio)
+            self.ev.emit("relora", step=s, action="merge", delta_norm=norm,
+                         merges=(s - r.warm_start_steps) // r.merge_every)
+
+    # ------------------------------------------------------------------ end
+    def _on_sigterm(self, *_):
+        self.stop_requested = True  # acted on at the end of the current step, agreed by all ranks
+
+    def export(self) -> None:
+        """The final model in Hugging Face format (written to a temporary directory, then renamed)."""
+        from engine.lora import export_model
+
+        self.dist.barrier()
+        state_dict = None
+        if self.ds and self.stage.zero_stage == 3:
+            state_dict = self.accelerator.get_state_dict(self.model)  # collective gather
+        if self.rank == 0:
+            final, tmp = self.out / "final", self.out / ".tmp-final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model = self.unwrapped
+            if self.stage.lora:
+                model.save_pretrained(str(tmp / "adapter"))
+                model = export_model(model)
+            model.save_pretrained(str(tmp), state_dict=state_dict)
+            self.tokenizer.save_pretrained(str(tmp))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        self.dist.barrier()
+
+
+def _extend_context(config, seq_len: int, rope_theta: float | None) -> None:
+    """Context extension: positions for `seq_len`, and optionally a new RoPE base. In transformers 5
+    the base lives in `config.rope_parameters["rope_theta"]`; older versions use `config.rope_theta`."""
+    if getattr(config, "max_position_embeddings", seq_len) < seq_len:
+        config.max_position_embeddings = seq_len
+    if rope_theta is None:
+        return
+    rp = getattr(config, "rope_parameters", None)
+    if isinstance(rp, dict):
+        rp["rope_theta"] = float(rope_theta)
+    else:
+        config.rope_theta = float(rope_theta)
+
+
+def _load_weights(model, ckpt: Path) -> None:
+    """Weights of a checkpoint (ours, or DeepSpeed's) or an HF directory into `model`, exactly."""
+    from safetensors.torch import load_model
+
+    if (ckpt / "model.safetensors").exists():
+        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+    elif (ckpt / "engine").is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="engine")
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    else:
+        raise FileNotFoundError(f"{ckpt}: no model.safetensors nor DeepSpeed checkpoint to resume from")
+    if unexpected or [k for k in missing if "lm_head" not in k]:  # a tied lm_head is stored once
+        raise ValueError(f"{ckpt} does not fit this stage's model (LoRA on one side only?): "
+                         f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = json.loads(Path(argv[0]).read_text())
-    trainer = Trainer(cfg)
+    trainer = Trainer.__new__(Trainer)
+    trainer.ev = None
     try:
+        trainer.__init__(cfg)
         code = trainer.run()
     except Exception as e:  # recorded, then re-raised so the traceback reaches the log
-        trainer.ev.emit("status", state="failed", reason=f"{type(e).__name__}: {e}")
-        trainer.ev.close()
+        if trainer.ev is not None:
+            trainer.ev.emit("status", state="failed", reason=f"{type(e).__name__}: {e}", exit_code=1)
+            trainer.ev.close()
         raise
     trainer.ev.close()
+    if trainer.dist.on:
+        torch.distributed.destroy_process_group()
     return code
 
 

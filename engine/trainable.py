@@ -1,9 +1,13 @@
 """Which parameters train in a stage, including EEVE's "new rows only" embeddings.
 
-"new" rows: only rows >= old_vocab_size learn. Gradients of old rows are zeroed, and because
-AdamW's decoupled weight decay would still shrink them, the old rows are restored bit-for-bit
-after every optimizer step (`RowGuard.restore`). Tied embeddings are one tensor: the stricter of
-the two settings' row sets is the union of what either allows.
+"new" rows: only rows >= old_vocab_size learn. A gradient hook zeroes the old rows' gradients, so
+AdamW's update of those rows is exactly zero. AdamW's decoupled weight decay would still shrink
+them, so guarded tensors sit in a weight-decay-free parameter group and `RowGuard.decay` applies
+the decay to the new rows only (the same `p *= 1 - lr·wd` AdamW does, before its update).
+`RowGuard.restore` then copies the old rows back bit-for-bit (a no-op unless an optimizer state
+loaded from an all-rows stage still carries momentum for them).
+
+Tied embeddings are one tensor: it trains the union of the rows either setting allows.
 """
 
 from __future__ import annotations
@@ -21,9 +25,23 @@ class RowGuard:
     def __init__(self):
         self.saved: list[tuple[torch.nn.Parameter, torch.Tensor, int]] = []
 
+    def __bool__(self) -> bool:
+        return bool(self.saved)
+
     def add(self, p: torch.nn.Parameter, old: int) -> None:
+        if old >= p.shape[0]:
+            raise ValueError(f"old_vocab_size {old} leaves no new row in a tensor of {p.shape[0]} rows")
         self.saved.append((p, p.detach()[:old].clone(), old))
         p.register_hook(lambda g, old=old: torch.cat([torch.zeros_like(g[:old]), g[old:]]))
+
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p, _, _ in self.saved]
+
+    @torch.no_grad()
+    def decay(self, lr: float, weight_decay: float) -> None:
+        for p, _, old in self.saved:
+            if weight_decay:
+                p[old:].mul_(1 - lr * weight_decay)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -44,7 +62,7 @@ def apply_trainable(model, spec: TrainableSpec, old_vocab_size: int | None) -> R
     settings = {id(inp): [spec.input_embeddings]}
     if out is not None:
         settings.setdefault(id(out), []).append(spec.output_embeddings)
-    for p in ([inp] if tied else [inp, out] if out is not None else [inp]):
+    for p in ([inp] if tied or out is None else [inp, out]):
         modes = settings[id(p)]
         mode = "all" if "all" in modes else "new" if "new" in modes else "none"
         p.requires_grad_(mode != "none")
@@ -53,15 +71,33 @@ def apply_trainable(model, spec: TrainableSpec, old_vocab_size: int | None) -> R
                 raise ValueError("trainable: `new` embeddings need old_vocab_size (set it, or extend the vocabulary first)")
             guard.add(p, old_vocab_size)
 
-    names = dict(model.named_parameters())
-    for pat in spec.include:
-        for n, p in names.items():
-            if re.search(pat, n):
-                p.requires_grad_(True)
-    for pat in spec.exclude:
-        for n, p in names.items():
-            if re.search(pat, n):
-                p.requires_grad_(False)
+    apply_patterns(model, spec.include, spec.exclude)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("this stage trains no parameter: check `trainable`")
     return guard
+
+
+def apply_patterns(model, include: list[str], exclude: list[str]) -> None:
+    """Named-parameter regexes: `include` trains, then `exclude` freezes."""
+    names = dict(model.named_parameters())
+    for pats, flag in ((include, True), (exclude, False)):
+        for pat in pats:
+            for n, p in names.items():
+                if re.search(pat, n):
+                    p.requires_grad_(flag)
+
+
+def param_groups(model, weight_decay: float, guard: RowGuard) -> list[dict]:
+    """AdamW groups: matrices decay, vectors (norms, biases) do not, guarded tensors decay by hand."""
+    guarded = {id(p) for p in guard.params()}
+    decay, no_decay, rows = [], [], []
+    seen = set()
+    for _, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (rows if id(p) in guarded else decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if rows:
+        groups.append({"params": rows, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]

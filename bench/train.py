@@ -1,0 +1,223 @@
+"""Training-speed benchmark (not a test): `python bench/train.py [--steps 60] [--warmup 10]`.
+
+The same tiny Llama, batch and data for
+  (a) the engine as cpt-tui launches it (stage.json → `accelerate launch -m engine.train`, one
+      process); tokens/s and data-loader wait are read from its metric events;
+  (b) a minimal hand-written PyTorch loop (forward, backward, AdamW) — the limit;
+  (c) the HF Trainer, run_clm-style (pre-grouped blocks, default collator).
+All three: fp32, no gradient clipping, constant LR, the same torch thread count, timed over the
+same steps after `--warmup` steps. Then the time to the first step of a stage resumed at step
+10 000 vs at step 10, from synthetic checkpoints (a real checkpoint with its step rewritten).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SEQ, MICRO, LR, WD = 256, 8, 1e-3, 0.1
+
+
+def prepare(d: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from engine.data.builtin import stdlib_prose
+    from engine.data.pack import Tokenizer, prepare_source, tokenizer_fingerprint
+    from engine.model import build_from_config
+    from engine.spec import ArchConfig, SourceSpec
+    from engine.tokenizer import train_bpe
+
+    train_bpe(stdlib_prose(), 2048, d / "tok", max_chars=1_000_000)
+    tok = AutoTokenizer.from_pretrained(d / "tok")
+    arch = ArchConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=512)
+    build_from_config(arch, len(tok), d / "model", seed=0, tokenizer=tok)
+    man = prepare_source(SourceSpec(path="builtin:stdlib-prose", max_tokens=400_000), "prose",
+                         Tokenizer(d / "tok"), d / "prose", tokenizer_fingerprint(d / "tok"))
+    return {"tokenizer_dir": str(d / "tok"), "model_dir": str(d / "model"),
+            "sources": {"prose": {"dir": str(d / "prose"), "domain": "prose", "train_tokens": man["train"]["tokens"],
+                                  "val_tokens": 0}}}
+
+
+def stage_cfg(prep: dict, out: Path, steps: int, **extra) -> tuple[dict, list[str]]:
+    from cpt_tui.launch import build_commands
+    from engine.spec import ClusterSpec, MixtureSpec, StageSpec
+
+    st = StageSpec.model_validate({
+        "name": "bench", "mixture": "m", "seq_len": SEQ, "micro_batch_size": MICRO, "global_batch_size": MICRO,
+        "precision": "fp32", "schedule": {"name": "constant", "lr": LR}, "optimizer": {"weight_decay": WD,
+                                                                                        "grad_clip": None},
+        "log_every": 1, **extra})
+    mix = MixtureSpec(weights={"prose": 1.0}, tokens=steps * MICRO * SEQ, seed=1)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {"version": 1, "run_dir": str(out), "stage_index": 0, "stage": st.model_dump(mode="json", by_alias=True),
+           "mixture": mix.model_dump(mode="json"), "seed": 1, "model_dir": prep["model_dir"], "resume_from": None,
+           "tokenizer_dir": prep["tokenizer_dir"], "old_vocab_size": None, "out_dir": str(out),
+           "sources": prep["sources"], "world_size": 1}
+    (out / "stage.json").write_text(json.dumps(cfg))
+    return cfg, build_commands(ClusterSpec(), st, str(out / "stage.json"), str(out), cpu=True)[0].launch
+
+
+THREADS = {}  # OMP_NUM_THREADS for the engine process, when --threads is given
+
+
+def launch(argv: list[str], out: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **THREADS}
+    with open(out / "train.log", "ab") as log:
+        subprocess.run(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+
+
+def events(out: Path) -> list[dict]:
+    from engine.events import read_events
+
+    return read_events(out / "events.jsonl")[0]
+
+
+def run_engine(prep: dict, d: Path, steps: int, warm: int) -> tuple[tuple[float, float], float, int]:
+    """((tokens per wall second, tokens per CPU second), data-wait share, threads) from the events."""
+    out = d / f"engine-{time.monotonic_ns()}"
+    _, argv = stage_cfg(prep, out, steps)
+    launch(argv, out)
+    ev = events(out)
+    threads = next(e["threads"] for e in ev if e["type"] == "status" and e["state"] == "starting")
+    m = {e["step"]: e for e in ev if e["type"] == "metric"}
+    span = m[steps]["elapsed"] - m[warm]["elapsed"]
+    wait = sum(m[s]["data_wait_s"] for s in range(warm + 1, steps + 1))
+    cpu = sum(m[s]["cpu_s"] for s in range(warm + 1, steps + 1))
+    toks = m[steps]["tokens"] - m[warm]["tokens"]
+    return (toks / span, toks / cpu), wait / span, threads
+
+
+def batches(cfg: dict, steps: int):
+    """The engine's own batches, in its order, materialised up front (no data cost for b and c)."""
+    from engine.spec import MixtureSpec, StageSpec
+    from engine.train import StageData
+
+    data = StageData(cfg, StageSpec.model_validate(cfg["stage"]), MixtureSpec.model_validate(cfg["mixture"]), 1)
+    return [data.batch(range(i * MICRO, (i + 1) * MICRO)) for i in range(steps)]
+
+
+def run_handwritten(prep: dict, xs, warm: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(prep["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=(0.9, 0.95))
+    for i, x in enumerate(xs):
+        if i == warm:
+            t0, c0 = time.perf_counter(), time.process_time()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    toks = (len(xs) - warm) * MICRO * SEQ
+    return toks / (time.perf_counter() - t0), toks / (time.process_time() - c0)
+
+
+def run_hf_trainer(prep: dict, xs, warm: int, d: Path) -> float:
+    import torch
+    from transformers import (AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments,
+                              default_data_collator)
+
+    rows = [{"input_ids": r, "labels": r.clone()} for x in xs for r in x]
+    stamps = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append((time.perf_counter(), time.process_time()))
+
+    model = AutoModelForCausalLM.from_pretrained(prep["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
+    args = TrainingArguments(output_dir=str(d / "hf"), per_device_train_batch_size=MICRO, max_steps=len(xs),
+                             learning_rate=LR, weight_decay=WD, adam_beta2=0.95, lr_scheduler_type="constant",
+                             max_grad_norm=0.0, logging_steps=10**9, save_strategy="no", report_to=[],
+                             dataloader_num_workers=0, use_cpu=True, seed=1, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator,
+            callbacks=[Clock()]).train()
+    toks = (len(xs) - warm) * MICRO * SEQ
+    return toks / (stamps[-1][0] - stamps[warm - 1][0]), toks / (stamps[-1][1] - stamps[warm - 1][1])
+
+
+def time_to_first_step(prep: dict, d: Path) -> dict[int, tuple[float, float]]:
+    """Resume a stage at step 10 and at step 10 000 (checkpoints built from a real one)."""
+    total = 10_002
+    seed_dir = d / "seed"
+    _, argv = stage_cfg(prep, seed_dir, total, max_steps=2, checkpoint={"every_steps": 2})
+    launch(argv, seed_dir)
+    src = seed_dir / "checkpoints" / "step-2"
+    out: dict[int, tuple[float, float]] = {}
+    for rep, step in enumerate((10, 10_000, 10, 10_000)):  # alternated, the best of two each
+        run = d / f"resume-{step}-{rep}"
+        _, argv = stage_cfg(prep, run, total, max_steps=step + 1, checkpoint={"every_steps": 10**6})
+        ck = run / "checkpoints" / f"step-{step}"
+        shutil.copytree(src, ck)
+        state = json.loads((ck / "trainer_state.json").read_text())
+        state.update(step=step, position=step * MICRO)
+        (ck / "trainer_state.json").write_text(json.dumps(state))
+        t0 = time.time()
+        launch(argv, run)
+        ev = events(run)
+        first = next(e for e in ev if e["type"] == "metric")
+        start = next(e for e in ev if e["type"] == "status" and e["state"] == "starting")
+        assert first["step"] == step + 1
+        got = (first["ts"] - start["ts"], first["ts"] - t0)
+        out[step] = min(out.get(step, got), got)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is reported")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for all three (default: torch's)")
+    a = ap.parse_args()
+    import torch
+
+    if a.threads:
+        THREADS["OMP_NUM_THREADS"] = str(a.threads)
+    with tempfile.TemporaryDirectory(prefix="cpt-bench-") as tmp:
+        d = Path(tmp)
+        prep = prepare(d)
+        cfg, _ = stage_cfg(prep, d / "order", a.steps)
+        xs = batches(cfg, a.steps)
+        res = {"engine": [], "hand": [], "hf": []}
+        waits = []
+        for r in range(a.rounds):  # interleaved: a noisy neighbour slows all three alike
+            eng, wait_share, threads = run_engine(prep, d, a.steps, a.warmup)
+            torch.set_num_threads(threads)  # the same intra-op threads as the engine process had
+            res["engine"].append(eng)
+            waits.append(wait_share)
+            res["hand"].append(run_handwritten(prep, xs, a.warmup))
+            res["hf"].append(run_hf_trainer(prep, xs, a.warmup, d))
+            print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1][0]:,.0f} tok/s ({v[-1][1]:,.0f} tok/cpu-s)"
+                                                 for k, v in res.items()), flush=True)
+        ttfs = time_to_first_step(prep, d)
+    print(f"model: Llama hidden 128, 2 layers, vocab 2048; batch {MICRO}x{SEQ} tokens; fp32; {threads} thread(s); "
+          f"steps {a.warmup + 1}..{a.steps} timed; best of {a.rounds} interleaved rounds")
+    for i, unit in ((0, "tokens/s"), (1, "tokens/cpu-s")):
+        eng, hand, hf = (max(x[i] for x in res[k]) for k in ("engine", "hand", "hf"))
+        print(f"{unit} engine (accelerate launch) = {eng:,.0f}")
+        print(f"{unit} handwritten loop         = {hand:,.0f}")
+        print(f"{unit} HF Trainer (run_clm)     = {hf:,.0f}")
+        print(f"ratio engine/handwritten ({unit}) = {eng / hand:.3f}   (target >= 0.95)")
+        print(f"ratio engine/hf_trainer ({unit}) = {eng / hf:.3f}   (target >= 1.1)")
+    print(f"data-loader wait share = {min(waits):.4%} of step time   (target < 1%; worst round {max(waits):.4%})")
+    for step, (in_proc, wall) in ttfs.items():
+        print(f"time to first step resuming at step {step:>6} = {in_proc:.2f} s after trainer start "
+              f"({wall:.2f} s from launch)")
+    print(f"ratio ttfs 10000/10 = {ttfs[10_000][0] / ttfs[10][0]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""In-process checks of the engine's pieces: schedules, the event schema, trainable rows, ReLoRA merges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.events import EventWriter, read_events, validate_event, validate_log
+from engine.schedule import Schedule
+from engine.spec import LoraSpec, ScheduleSpec, TrainableSpec
+
+
+def _tiny(tied=False, vocab=96):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, tie_word_embeddings=tied))
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant", "wsd", "inverse_sqrt"])
+def test_schedules_warm_up_then_follow_their_shape(name):
+    s = Schedule(ScheduleSpec(name=name, lr=1.0, min_lr=0.1, warmup_ratio=0.1), total=100)
+    lrs = [s.lr(i) for i in range(100)]
+    assert s.warmup == 10 and lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(0.1 - 1e-9 <= x <= 1.0 + 1e-9 for x in lrs[10:])
+    if name in ("cosine", "linear"):
+        assert lrs[-1] < 0.12 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    if name == "wsd":
+        assert lrs[50] == 1.0 and lrs[79] == 1.0 and lrs[-1] < 0.2
+    if name == "constant":
+        assert lrs[10:] == [1.0] * 90
+
+
+def test_schedule_restart_and_jagged_rewarmup():
+    spec = ScheduleSpec(name="linear", lr=1.0, min_lr=0.0, warmup_steps=4)
+    fresh = Schedule(spec, total=100, start=40)  # load_lr_scheduler: false at step 40 → warm up again
+    assert fresh.lr(40) == pytest.approx(0.25) and fresh.lr(43) == pytest.approx(1.0)
+    jag = Schedule(ScheduleSpec(name="constant", lr=1.0), total=50, restarts=[10, 20], rewarmup=5)
+    assert [jag.lr(i) for i in (9, 10, 12, 14, 19, 20)] == pytest.approx([1, 0.2, 0.6, 1, 1, 0.2])
+
+
+def test_event_schema_validator(tmp_path):
+    w = EventWriter(tmp_path / "e.jsonl", "s")
+    w.emit("status", state="running", step=0, total_steps=3, resumed_from=None)
+    w.emit("metric", step=1, tokens=64, loss=float("nan"), lr=1e-3, grad_norm=None, tokens_per_s=10.0, total_steps=3)
+    w.emit("eval", step=1, tokens=64, domain="code", loss=2.5, blocks=4)
+    w.close()
+    recs, _ = read_events(tmp_path / "e.jsonl")
+    errs = validate_log(recs)
+    assert errs == ["seq 2: field 'loss' has type NoneType"]  # NaN is written as null: not a valid metric
+    assert validate_event({**recs[0], "state": "sleeping"}) == ["unknown status state 'sleeping'"]
+    assert validate_event({**recs[2], "extra": 1}) == ["unknown field 'extra' for type 'eval'"]
+    assert "missing field 'domain'" in validate_event({k: v for k, v in recs[2].items() if k != "domain"})
+    assert validate_event({**recs[0], "type": "bogus"}) == ["unknown type 'bogus'"]
+
+
+def test_tied_embeddings_train_the_union_of_rows():
+    from engine.trainable import apply_trainable
+
+    m = _tiny(tied=True)
+    g = apply_trainable(m, TrainableSpec(input_embeddings="none", output_embeddings="new", transformer="frozen"), 64)
+    emb = m.get_input_embeddings().weight
+    assert emb.requires_grad and g.params() == [emb]  # one tensor, guarded once
+    assert not any(p.requires_grad for n, p in m.named_parameters() if "embed" not in n and "lm_head" not in n)
+    m = _tiny(tied=True)
+    g = apply_trainable(m, TrainableSpec(input_embeddings="none", output_embeddings="all", transformer="frozen"), 64)
+    assert not g and m.get_input_embeddings().weight.requires_grad  # EEVE 4 when tied: all embeddings
+    with pytest.raises(ValueError, match="trains no parameter"):
+        apply_trainable(_tiny(), TrainableSpec(input_embeddings="none", output_embeddings="none",
+                                               transformer="frozen"), None)
+
+
+def test_relora_merge_keeps_the_function_and_reinitialises():
+    from engine.lora import apply_lora, lora_layers, merge_and_reinit, reset_optimizer_state
+
+    m = apply_lora(_tiny(), LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    for layer in lora_layers(m):  # pretend training moved the adapters
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    x = torch.randint(0, 96, (2, 8))
+    with torch.no_grad():
+        before = m(input_ids=x).logits
+    q = lora_layers(m)[0]
+    w0, a0 = q.get_base_layer().weight.clone(), q.lora_A["default"].weight.clone()
+    delta = q.get_delta_weight("default").clone()
+    assert merge_and_reinit(m, seed=1) > 0
+    assert torch.equal(q.get_base_layer().weight, w0 + delta)  # the merged weights carry the update
+    assert not q.lora_B["default"].weight.any() and not torch.equal(q.lora_A["default"].weight, a0)
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=x).logits, before, rtol=1e-5, atol=1e-5)
+    p = torch.nn.Parameter(torch.zeros(100))
+    opt = torch.optim.AdamW([p])
+    p.grad = torch.linspace(-1, 1, 100)
+    opt.step()
+    reset_optimizer_state(opt, [p], "prune", 0.9)
+    assert int((opt.state[p]["exp_avg"] != 0).sum()) == 10
+    reset_optimizer_state(opt, [p], "optimizer", 0.0)
+    assert not opt.state[p]["exp_avg"].any() and not opt.state[p]["exp_avg_sq"].any()
