@@ -11,6 +11,8 @@ channel or the manager went away), its parent dies, or it gets SIGTERM/SIGHUP/SI
 the whole process tree (torchrun puts workers in their own sessions, so process groups are not
 enough), waits `kill_grace` seconds, then SIGKILLs what is left. So: start commands with `start()`
 (stdin is a pipe kept open for the run's lifetime) and end them with `terminate()`.
+Exception by design: cpt_tui.supervisor runs a LOCAL command's unwrapped `launch` argv under its own
+keeper instead, so that local training outlives a dead supervisor and can be re-adopted.
 
 The UI process imports this module: it must not import torch.
 """
@@ -324,7 +326,7 @@ def build_commands(cluster: ClusterSpec, stage: StageSpec, stage_json: str, run_
                    python: str = sys.executable, cpu: Optional[bool] = None, module: str = "engine.train",
                    ssh_config: Optional[Union[str, os.PathLike]] = None, kill_grace: float = DEFAULT_KILL_GRACE,
                    local_env: Optional[Mapping[str, str]] = None,
-                   main_process_port: Optional[int] = None) -> list[NodeCommand]:
+                   main_process_port: Optional[int] = None, write_configs: bool = True) -> list[NodeCommand]:
     """The commands that run `module <stage_json>` under accelerate for `stage` on `cluster`.
 
     Local: one command (`python` here). SSH: one per node, rank i = nodes[i]; the main process is
@@ -332,6 +334,7 @@ def build_commands(cluster: ClusterSpec, stage: StageSpec, stage_json: str, run_
     single-process flags and DeepSpeed pinned memory. With `zero_stage > 0` a DeepSpeed config is
     written to `run_dir` and passed by path; `stage_json` and `run_dir` are used as given on every
     node (a shared filesystem, or paths relative to each node's workdir that the manager synced).
+    `write_configs=False` (dry runs: `cpt-tui plan --commands`) writes nothing, only names the path.
     """
     cpu = _default_cpu() if cpu is None else cpu
     local_env = os.environ if local_env is None else local_env
@@ -352,9 +355,10 @@ def build_commands(cluster: ClusterSpec, stage: StageSpec, stage_json: str, run_
     ds_path = None
     if stage.zero_stage > 0:
         cfg = deepspeed_config(stage, total, cpu=cpu)
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
         ds_path = os.path.join(run_dir, f"deepspeed.{stage.name}.json")
-        Path(ds_path).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        if write_configs:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            Path(ds_path).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
     if cluster.kind != "ssh":
         env = _check_env(cluster.env, "cluster.env")

@@ -66,3 +66,43 @@ def demo_run(tmp_path_factory, shared_cache) -> DemoRun:
     t0 = time.time()
     res = run_cli(["--run", "tiny-demo"], env)
     return DemoRun(res, env, home / "cpt-tui.db", time.time() - t0)
+
+
+# --------------------------------------------------------------------------- a tiny preset for supervisor tests
+
+
+def tiny_preset(path: Path, stages=(("s1", 100),), *, every: int = 20, cluster: dict | None = None,
+                micro: int = 8, name: str = "tiny-sup") -> Path:
+    """A tiny preset (Llama, hidden 32, 1 layer, vocab 300): each stage trains `steps` steps of
+    8 × 32 tokens, logs every step and checkpoints every `every` steps. Its source is named `tprose`
+    so its prepared data never collides with the demo's in the shared cache."""
+    import yaml
+
+    doc = {
+        "name": name, "seed": 7,
+        "model": {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                             "num_attention_heads": 2, "max_position_embeddings": 64}},
+        "tokenizer": {"train": {"sources": ["tprose"], "vocab_size": 300, "max_chars": 200000}},
+        "sources": {"tprose": {"path": "builtin:stdlib-prose", "val_tokens": 1024, "max_tokens": 200000}},
+        "stages": [{"name": n, "mixture": {"weights": {"tprose": 1.0}, "tokens": steps * 8 * 32}, "seq_len": 32,
+                    "micro_batch_size": micro, "global_batch_size": 8, "precision": "fp32",
+                    "schedule": {"name": "cosine", "lr": 3.0e-3, "warmup_steps": 5},
+                    "eval": {"every_steps": 1000, "max_blocks": 4},
+                    "checkpoint": {"every_steps": every, "keep_last": 2}, "log_every": 1}
+                   for n, steps in stages],
+    }
+    if cluster:
+        doc["cluster"] = cluster
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def wait_for(pred, timeout: float, what: str, every: float = 0.3):
+    """Poll `pred()` until it returns something truthy (returned); fail naming `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
