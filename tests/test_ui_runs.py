@@ -1,32 +1,133 @@
-"""The first UI screen lists runs from SQLite (Pilot)."""
+"""Runs home screen and run detail on a fixed sample database (Pilot): listing, sort, filter,
+navigation to every screen, delete with confirmation, the detail's curves and axis switch."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
-from cpt_tui.ui.app import CptApp
+import pytest
 from textual.widgets import DataTable
 
+from cpt_tui.ui import sample_db
+from cpt_tui.ui.app import CptApp
+from cpt_tui.ui.plot import Chart
 
-def test_app_lists_the_demo_run(demo_run):
+
+@pytest.fixture
+def sample(tmp_path) -> Path:
+    db = tmp_path / "cpt-tui.db"
+    sample_db.build(db)
+    return db
+
+
+async def until(pilot, cond, timeout=10.0):
+    for _ in range(int(timeout / 0.05)):
+        if cond():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError("condition not reached")
+
+
+def test_runs_table_sort_filter_and_navigation(sample):
     async def go():
-        app = CptApp(demo_run.db)
-        async with app.run_test() as pilot:
-            table = app.query_one("#runs", DataTable)
-            for _ in range(50):
+        app = CptApp(sample, keymap={})
+        async with app.run_test(size=(180, 45)) as pilot:
+            await until(pilot, lambda: type(app.screen).__name__ == "RunsScreen" and app.screen.polls)
+            runs = app.screen
+            table = runs.query_one("#runs", DataTable)
+            assert table.row_count == 3
+            ids = [table.get_row_at(i)[0] for i in range(3)]
+            assert ids == [sample_db.FAILED, sample_db.LIVE, sample_db.DONE]  # newest first
+            live = table.get_row(sample_db.LIVE)
+            assert str(live[1]) == "running" and live[3] == "2/2" and "75%" in live[4]
+            # filter
+            await pilot.press("slash", *"ddp", "enter")
+            assert table.row_count == 1 and table.get_row_at(0)[0] == sample_db.FAILED
+            await pilot.press("escape")
+            assert table.row_count == 3
+            # sort by clicking a header (preset), then again to reverse
+            await pilot.click("#runs", offset=(50, 0))
+            presets = [table.get_row_at(i)[2] for i in range(3)]
+            assert presets == sorted(presets)
+            # open the done run (cursor → row 3, enter) and switch the x axis
+            await pilot.press("down", "down")
+            await pilot.press("enter")
+            await until(pilot, lambda: type(app.screen).__name__ == "RunDetailScreen" and app.screen.data)
+            detail = app.screen
+            loss = detail.query_one("#chart-loss", Chart)
+            assert loss.labels == ["loss", "EMA 0.1"] and len(loss.markers) == 1  # one stage boundary
+            assert detail.query_one("#chart-val", Chart).labels == ["code", "prose"]
+            assert loss.markers == [96]
+            await pilot.press("x")
+            assert loss.markers == [96 * sample_db.TOK_PER_STEP]
+            assert "cpt-code" in str(detail.query_one("#timeline").render())
+            await pilot.press("escape")
+            assert type(app.screen).__name__ == "RunsScreen"
+            # every screen by its key (F-keys work even where an input has focus)
+            for key, name in (("f2", "MixtureScreen"), ("f3", "PlanScreen"), ("f4", "LaunchScreen"),
+                              ("f5", "NodesScreen"), ("f1", "RunsScreen")):
+                await pilot.press(key)
                 await pilot.pause(0.1)
-                if table.row_count:
-                    break
-            assert table.row_count == 1
-            row = table.get_row_at(0)
-            assert row[0] == demo_run.run_id and row[1] == "done" and row[2] == "tiny-demo"
+                assert type(app.screen).__name__ == name
     asyncio.run(go())
+
+
+def test_delete_asks_and_keeps_checkpoints(sample):
+    run_dir = sample.parent / "runs" / sample_db.DONE
+    ckpt = run_dir / "stages" / "base" / "checkpoints" / "step-48"
+    ckpt.mkdir(parents=True)
+
+    async def go():
+        app = CptApp(sample, keymap={})
+        async with app.run_test(size=(180, 45)) as pilot:
+            await until(pilot, lambda: type(app.screen).__name__ == "RunsScreen" and app.screen.polls)
+            table = app.screen.query_one("#runs", DataTable)
+            await pilot.press("down", "down", "d")
+            await until(pilot, lambda: type(app.screen).__name__ == "ConfirmDelete")
+            await pilot.click("#cancel")
+            await pilot.pause(0.3)
+            assert table.row_count == 3
+            await pilot.press("d")
+            await until(pilot, lambda: type(app.screen).__name__ == "ConfirmDelete")
+            await pilot.click("#confirm")
+            await until(pilot, lambda: table.row_count == 2)
+            assert sample_db.DONE not in [table.get_row_at(i)[0] for i in range(2)]
+    asyncio.run(go())
+    assert ckpt.is_dir()  # the box was not ticked: checkpoints untouched
 
 
 def test_app_without_database_shows_hint(tmp_path):
     async def go():
-        app = CptApp(tmp_path / "none.db")
+        app = CptApp(tmp_path / "none.db", keymap={})
         async with app.run_test() as pilot:
+            await pilot.pause(0.5)
+            assert "cpt-tui --run tiny-demo" in str(app.screen.query_one("#empty").render())
+    asyncio.run(go())
+
+
+def test_keymap_remaps_a_binding_by_id(sample):
+    async def go():
+        app = CptApp(sample, keymap={"runs.filter": "f"})
+        async with app.run_test(size=(180, 45)) as pilot:
+            await until(pilot, lambda: type(app.screen).__name__ == "RunsScreen" and app.screen.polls)
+            await pilot.press("f")
+            assert app.focused.id == "filter"
+    asyncio.run(go())
+
+
+def test_palette_lists_runs_and_presets(sample):
+    from cpt_tui.ui.palette import CptCommands
+
+    async def go():
+        app = CptApp(sample, keymap={})
+        async with app.run_test(size=(180, 45)) as pilot:
             await pilot.pause(0.3)
-            assert "cpt-tui --run tiny-demo" in str(app.query_one("#empty").render())
+            provider = CptCommands(app.screen)
+            await provider.startup()
+            texts = [t for t, _, _ in provider._commands()]
+            assert f"Open run {sample_db.DONE}" in texts
+            assert f"Stop run {sample_db.LIVE}" in texts and f"Stop run {sample_db.DONE}" not in texts
+            assert "Launch preset tiny-demo" in texts
+            assert any(t.startswith("Compare ") for t in texts)
     asyncio.run(go())

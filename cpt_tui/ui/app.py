@@ -1,92 +1,129 @@
-"""The Textual app. Reads SQLite only (in a worker thread); never imports torch; never owns training."""
+"""The Textual app. Reads SQLite only (in worker threads); never imports torch; never owns training.
+
+Screens (modes, keys 1–5): Runs (home; run detail, logs and compare on top of it), Mixture builder,
+Stage plan, Launch, Nodes. Every binding has an id: remap them in `$CPT_TUI_HOME/keymap.yaml`
+(`runs.stop: ctrl+k`, or `CPT_TUI_KEYMAP=path`). Theme: `CPT_TUI_THEME` or the palette's "theme".
+"""
 
 from __future__ import annotations
 
-import time
+import os
 from pathlib import Path
+from typing import Optional
 
+import yaml
 from textual import work
-from textual.app import App, ComposeResult
+from textual.app import App
 from textual.binding import Binding
-from textual.widgets import DataTable, Footer, Header, Static
 
-from cpt_tui.store import Store
+from cpt_tui import paths
+from cpt_tui.ui.draft import Draft
+from cpt_tui.ui.palette import CptCommands
+from cpt_tui.ui.screens.compare import CompareScreen
+from cpt_tui.ui.screens.detail import RunDetailScreen
+from cpt_tui.ui.screens.launch import LaunchScreen
+from cpt_tui.ui.screens.logs import LogScreen
+from cpt_tui.ui.screens.mixture import MixtureScreen
+from cpt_tui.ui.screens.nodes import NodesScreen
+from cpt_tui.ui.screens.plan import PlanScreen
+from cpt_tui.ui.screens.runs import RunsScreen
 
-REFRESH_S = 2.0
-COLUMNS = ("run", "status", "preset", "stage", "step", "tokens", "loss", "tok/s", "started")
+DEFAULT_PRESET = "tiny-demo"
 
 
-def _fmt(x, nd=3):
-    if x is None:
-        return "-"
-    return f"{x:.{nd}f}" if isinstance(x, float) else f"{x:,}"
-
-
-def run_rows(store: Store) -> list[tuple]:
-    rows = []
-    for r in store.runs():
-        stages = store.stages(r["id"])
-        cur = r["current_stage"] or 0
-        st = stages[cur] if stages else {}
-        rows.append((
-            r["id"], r["status"], r["preset"], f"{cur + 1}/{r['n_stages']}",
-            f"{st.get('step') or 0}/{st.get('steps_total') or '?'}", _fmt(st.get("tokens") or 0),
-            _fmt(r["last_loss"]), _fmt(r["last_tps"], 0),
-            time.strftime("%m-%d %H:%M", time.localtime(r["started"] or r["created"])),
-        ))
-    return rows
+def load_keymap() -> dict[str, str]:
+    """Binding id → keys, from CPT_TUI_KEYMAP or $CPT_TUI_HOME/keymap.yaml (absent: no remapping)."""
+    p = Path(os.environ.get("CPT_TUI_KEYMAP") or paths.home() / "keymap.yaml")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
 class CptApp(App):
-    CSS_PATH = "app.tcss"
+    CSS_PATH = ["app.tcss", "runs.tcss", "detail.tcss", "editors.tcss"]
     TITLE = "cpt-tui"
-    BINDINGS = [Binding("q", "quit", "Quit", id="quit"), Binding("r", "refresh", "Refresh", id="refresh")]
+    COMMANDS = App.COMMANDS | {CptCommands}
+    MODES = {"runs": RunsScreen, "mixture": MixtureScreen, "plan": PlanScreen, "launch": LaunchScreen,
+             "nodes": NodesScreen}
+    MODE_LABELS = {"runs": "Runs", "mixture": "Mixture builder", "plan": "Stage plan", "launch": "Launch",
+                   "nodes": "Nodes"}
+    BINDINGS = [
+        Binding("q", "quit", "Quit", id="app.quit"),
+        Binding("f1,1", "switch_mode('runs')", "Runs", id="app.runs"),
+        Binding("f2,2", "switch_mode('mixture')", "Mixture", id="app.mixture"),
+        Binding("f3,3", "switch_mode('plan')", "Stages", id="app.plan"),
+        Binding("f4,4", "switch_mode('launch')", "Launch", id="app.launch"),
+        Binding("f5,5", "switch_mode('nodes')", "Nodes", id="app.nodes"),
+    ]
 
-    def __init__(self, db_path: Path):
+    def __init__(self, db_path: Path, *, preset: Optional[str] = None, keymap: Optional[dict] = None):
         super().__init__()
         self.db_path = Path(db_path)
-        self._loading = False
-
-    def compose(self) -> ComposeResult:
-        yield Header()
-        table = DataTable(id="runs", cursor_type="row", zebra_stripes=True)
-        table.add_columns(*COLUMNS)
-        yield table
-        yield Static("", id="empty")
-        yield Footer()
+        self.draft: Optional[Draft] = None
+        self._preset = preset
+        self._keymap = load_keymap() if keymap is None else keymap
+        theme = os.environ.get("CPT_TUI_THEME")
+        if theme:
+            self.theme = theme
 
     def on_mount(self) -> None:
-        self.action_refresh()
-        self.set_interval(REFRESH_S, self.action_refresh)
-
-    def action_refresh(self) -> None:
-        if not self._loading:  # polls never overlap
-            self._loading = True
-            self.load_runs()
-
-    @work(thread=True, exclusive=True)
-    def load_runs(self) -> None:
+        if self._keymap:
+            self.set_keymap(self._keymap)
         try:
-            rows = []
-            if self.db_path.exists():
-                store = Store(self.db_path, readonly=True)
-                try:
-                    rows = run_rows(store)
-                finally:
-                    store.close()
-            self.call_from_thread(self._show, rows)
-        finally:
-            self._loading = False
+            self.load_draft(self._preset or DEFAULT_PRESET)
+        except Exception:
+            self.draft = None
+        self.switch_mode("runs")
 
-    def _show(self, rows: list[tuple]) -> None:
-        table = self.query_one("#runs", DataTable)
-        table.clear()
-        for row in rows:
-            table.add_row(*row, key=row[0])
-        self.query_one("#empty", Static).update(
-            "" if rows else "No runs yet. Start one with:  cpt-tui --run tiny-demo")
+    # ------------------------------------------------------------------ shared state
+    def load_draft(self, ref: str) -> Draft:
+        """The preset the mixture builder, stage-plan editor and launch screen work on."""
+        self.draft = Draft.load(paths.find_preset(ref))
+        return self.draft
+
+    # ------------------------------------------------------------------ navigation / actions
+    def open_run(self, run_id: str) -> None:
+        """Show a run's detail. One detail screen is built and reused: opening a run swaps its data."""
+        self.switch_mode("runs")
+        while len(self.screen_stack) > 1:
+            self.pop_screen()
+        if not self.is_screen_installed("detail"):
+            self.install_screen(RunDetailScreen(run_id), "detail")
+        detail = self.get_screen("detail")
+        detail.set_run(run_id)
+        self.push_screen("detail")
+
+    def attach_logs(self, run_id: str) -> None:
+        self.push_screen(LogScreen(run_id))
+
+    def compare(self, run_ids: list[str]) -> None:
+        self.switch_mode("runs")
+        self.push_screen(CompareScreen(run_ids))
+
+    def launch_preset(self, ref: str) -> None:
+        self.switch_mode("launch")
+        self.screen.set_preset(ref)
+
+    @work(thread=True, group="action")
+    def stop_run(self, run_id: str) -> None:
+        from cpt_tui.ui.actions import stop_run
+        self.call_from_thread(self.notify, f"stopping {run_id} (the trainer checkpoints first)…")
+        try:
+            what = stop_run(self.db_path, run_id)
+            self.call_from_thread(self.notify, f"{run_id}: {what}")
+        except Exception as e:
+            self.call_from_thread(self.notify, f"stop {run_id}: {e}", severity="error")
 
 
 def run_app(db_path: Path) -> int:
     CptApp(db_path).run()
     return 0
+
+
+if __name__ == "__main__":  # the UI alone (no orphan adoption): python -m cpt_tui.ui.app [--db PATH]
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m cpt_tui.ui.app")
+    ap.add_argument("--db")
+    raise SystemExit(run_app(paths.db_path(ap.parse_args().db)))

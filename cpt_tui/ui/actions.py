@@ -1,0 +1,71 @@
+"""What the UI does to runs. It never owns training: stop and resume go through the supervisor
+(`request_stop`, `spawn`); delete removes a finished run's records (and its directory only when
+asked). All of these block: call them from worker threads.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+RUN_TABLES = ("metrics", "eval", "events", "stages", "telemetry", "latest_metrics")
+
+
+def stop_run(db_path: Path, run_id: str) -> str:
+    from cpt_tui import supervisor as S
+    from cpt_tui.store import Store
+
+    store = Store(db_path)
+    try:
+        return S.request_stop(store, run_id)
+    finally:
+        store.close()
+
+
+def resume_run(db_path: Path, run_id: str) -> str:
+    from cpt_tui import supervisor as S
+    from cpt_tui.store import Store
+
+    store = Store(db_path, readonly=True)
+    try:
+        run = store.run(run_id)
+    finally:
+        store.close()
+    if run["status"] == "done":
+        return "already done"
+    if S.supervisor_alive(run):
+        return "already supervised"
+    pid = S.spawn(run_id, db_path)
+    return f"resumed (supervisor pid {pid})"
+
+
+def delete_run(db_path: Path, run_id: str, with_files: bool = False) -> str:
+    """Remove a run's rows. Its directory (checkpoints, final model, logs) stays unless `with_files`."""
+    from cpt_tui import supervisor as S
+    from cpt_tui.store import TERMINAL, Store
+
+    store = Store(db_path, readonly=True)
+    try:
+        run = store.run(run_id)
+    finally:
+        store.close()
+    if run is None:
+        return "no such run"
+    if run["status"] not in TERMINAL and S.supervisor_alive(run):
+        raise RuntimeError(f"run {run_id} is {run['status']}: stop it first")
+    conn = sqlite3.connect(str(db_path), timeout=30, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for t in RUN_TABLES:
+            if t in tables:
+                conn.execute(f"DELETE FROM {t} WHERE run_id = ?", [run_id])
+        conn.execute("DELETE FROM runs WHERE id = ?", [run_id])
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    if with_files and run["run_dir"] and Path(run["run_dir"]).is_dir():
+        shutil.rmtree(run["run_dir"])
+        return "deleted with its directory"
+    return "deleted (directory kept)"
