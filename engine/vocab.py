@@ -12,28 +12,38 @@ Appending merges at the lowest priority means a base merge always wins: original
 is tokenized as before except where a word ends, under the base merges, exactly on the pair of
 a new merge. That share is measured (`original_changed_word_share`), not assumed.
 
-Runs on GPU nodes: imports only torch / transformers / tokenizers (never cpt_tui or textual).
+Runs on GPU nodes: imports only torch / transformers / tokenizers (never cpt_tui or textual);
+torch is imported inside the functions, so run preparation pays for it only when it extends.
+
+`prepare_vocabulary(preset, ...)` is the preset-level step (engine.prepare calls it before any data
+is tokenized): extension per the `vocabulary` block, or a plain resize when a separately enriched
+tokenizer has more ids than the model has rows (seed 004), cached by content.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 import json
+import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Literal
 
-import torch
+from engine.data.sources import DataError
 
-__all__ = ["VocabError", "extend_vocabulary", "fertility", "chars_per_token", "init_kl", "changed_word_share"]
+__all__ = ["VocabError", "extend_vocabulary", "resize_embeddings", "prepare_vocabulary", "fertility",
+           "chars_per_token", "init_kl", "changed_word_share"]
 
 _HELDOUT_EVERY = 20  # without an explicit held-out target set, every 20th target text is held out
 
 
-class VocabError(ValueError):
-    """The inputs cannot be extended (wrong tokenizer kind, empty corpus, bad sizes)."""
+class VocabError(DataError, ValueError):
+    """The inputs cannot be extended (wrong tokenizer kind, empty corpus, bad sizes). A DataError,
+    so run preparation reports it as invalid input (exit 2)."""
 
 
 # --------------------------------------------------------------------------- measures
@@ -78,7 +88,6 @@ def changed_word_share(tokenizer_old, tokenizer_new, texts: Iterable[str]) -> fl
     return changed / max(total, 1)
 
 
-@torch.no_grad()
 def init_kl(base_model, ext_model, tokenizer_old, tokenizer_new, texts: Iterable[str], *, max_texts: int = 64,
             max_length: int = 256) -> dict:
     """How much the extended model, at initialisation, differs from the base on original text.
@@ -98,6 +107,15 @@ def init_kl(base_model, ext_model, tokenizer_old, tokenizer_new, texts: Iterable
 
     Returns means over positions plus the number of positions and texts compared.
     """
+    import torch
+
+    with torch.no_grad():
+        return _init_kl(base_model, ext_model, tokenizer_old, tokenizer_new, texts, max_texts, max_length)
+
+
+def _init_kl(base_model, ext_model, tokenizer_old, tokenizer_new, texts, max_texts, max_length) -> dict:
+    import torch
+
     old_v = base_model.get_output_embeddings().weight.shape[0]
     n_tok = len(tokenizer_new)
     kl = kl_raw = mass = pad = 0.0
@@ -188,6 +206,53 @@ def _byte_text(token: str) -> str:
     from tokenizers.decoders import ByteLevel
 
     return ByteLevel().decode([token])
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def _resize_mean(model, n_ids: int, pad_to_multiple_of: int):
+    """Resize the embeddings to `n_ids` rows padded to a multiple; every added row (input and, if
+    untied, output) = mean of the old rows, i.e. HF's mean_resizing without its noise, so the
+    result is deterministic. Returns (input weight, output weight or None, tied)."""
+    import torch
+
+    old = model.get_input_embeddings().weight.shape[0]
+    out_emb = model.get_output_embeddings()
+    tied = out_emb is not None and out_emb.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    model.resize_token_embeddings(n_ids, pad_to_multiple_of=pad_to_multiple_of, mean_resizing=False)
+    inp = model.get_input_embeddings().weight
+    out = model.get_output_embeddings().weight if out_emb is not None else None
+    if tied and out.data_ptr() != inp.data_ptr():
+        raise VocabError("resize_token_embeddings untied the input and output embeddings")
+    with torch.no_grad():
+        for w in [inp] if tied or out is None else [inp, out]:
+            w[old:] = w[:old].float().mean(0).to(w.dtype)
+    return inp, out, tied
+
+
+def resize_embeddings(base_model_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, *,
+                      pad_to_multiple_of: int = 64) -> dict:
+    """A model whose tokenizer has more ids than it has embedding rows (a separately enriched
+    tokenizer, e.g. seed 004's Kannada Llama-2 tokenizer): add the rows, each = mean of the old
+    rows (no old tokenizer to take subwords from). Saves model + tokenizer to `out_dir`; returns
+    the report (also out_dir/vocab_report.json)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(base_model_dir))
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tok) <= old:
+        raise VocabError(f"the tokenizer has {len(tok)} ids and the model {old} embedding rows: nothing to resize")
+    inp, _, tied = _resize_mean(model, len(tok), pad_to_multiple_of)
+    model.config.cpt_old_vocab_size = old
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+    report = {"kind": "resize", "tokens_added": len(tok) - old, "old_vocab_size": old, "new_vocab_size": len(tok),
+              "padded_vocab_size": inp.shape[0], "first_new_id": old, "tied_embeddings": tied, "init": "mean of all rows"}
+    (out_dir / "vocab_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return report
 
 
 # --------------------------------------------------------------------------- main
@@ -303,21 +368,13 @@ def extend_vocabulary(
                          f"{len(moved)} old tokens moved, e.g. {list(moved)[:5]}")
 
     # Embeddings.
-    inp_old = model.get_input_embeddings().weight
-    out_emb = model.get_output_embeddings()
-    tied = out_emb is not None and out_emb.weight.data_ptr() == inp_old.data_ptr()
-    model.resize_token_embeddings(len(tok_new), pad_to_multiple_of=pad_to_multiple_of, mean_resizing=False)
-    inp = model.get_input_embeddings().weight
-    out = model.get_output_embeddings().weight if out_emb is not None else None
-    if tied and out.data_ptr() != inp.data_ptr():
-        raise VocabError("resize_token_embeddings untied the input and output embeddings")
+    import torch
+
+    inp, out, tied = _resize_mean(model, len(tok_new), pad_to_multiple_of)
     padded = inp.shape[0]
     old_backend = tok_old.backend_tokenizer.model
     subwords = [[t.id for t in old_backend.tokenize(a + b)] for a, b in chosen]
     with torch.no_grad():
-        inp[old_vocab_size:] = inp[:old_vocab_size].float().mean(0).to(inp.dtype)
-        if out is not None and not tied:
-            out[old_vocab_size:] = out[:old_vocab_size].float().mean(0).to(out.dtype)
         for tid, sub in zip(new_ids, subwords):
             inp[tid] = inp[sub].float().mean(0).to(inp.dtype)
             if out is not None and not tied:
@@ -336,6 +393,7 @@ def extend_vocabulary(
     base_model = AutoModelForCausalLM.from_pretrained(str(base_model_dir)).eval()
     model.eval()
     report = {
+        "kind": "extend",
         "tokens_added": len(chosen),
         "requested": want,
         "old_vocab_size": old_vocab_size,
@@ -370,3 +428,117 @@ def extend_vocabulary(
         warnings.warn(msg, stacklevel=2)
     (out_dir / "vocab_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     return report
+
+
+# --------------------------------------------------------------------------- preset step
+
+_STEP_VERSION = 1
+_ORIGINAL_DOCS, _ORIGINAL_EVERY = 200, 5  # held-out original text: every 5th document, at most 200
+
+
+def _texts(preset, names: list[str], max_chars: int, every: int = 1, max_docs: int | None = None) -> list[str]:
+    from engine.data.sources import read_documents
+
+    out, n = [], 0
+    for name in names:
+        for i, doc in enumerate(read_documents(preset.sources[name], name)):
+            if i % every:
+                continue
+            out.append(doc)
+            n += len(doc)
+            if n >= max_chars or (max_docs and len(out) >= max_docs):
+                return out
+    return out
+
+
+def _model_identity(model_dir: Path) -> str:
+    """Content key of a model directory: small files by content (a model built from a config in
+    each run dir is byte-identical), large ones by size and mtime (hashing 16 GB is too slow)."""
+    h = hashlib.sha256()
+    if not model_dir.is_dir():  # a hub id resolved from the local cache
+        return str(model_dir)
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f.name.encode())
+            h.update(f.read_bytes() if st.st_size < 64 << 20 else f"{st.st_size}|{int(st.st_mtime)}".encode())
+    return h.hexdigest()
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """dst = a copy of src made of hard links (no extra space; files are never written in place)."""
+    shutil.rmtree(dst, ignore_errors=True)
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:  # another filesystem
+            shutil.copy2(a, b)
+    shutil.copytree(src, dst, copy_function=link)
+
+
+def prepare_vocabulary(preset, model_dir: str | Path, tokenizer_dir: str | Path, cache: Path, out_dir: Path,
+                       log: Callable[[str], None] = print) -> dict | None:
+    """The embedding step of run preparation, run before any data is tokenized.
+
+    - the preset has a `vocabulary` block: extend_vocabulary on its target sources (held-out
+      original text: `original_sources`, else stdlib docstrings);
+    - else, the tokenizer has more ids than the model has rows: resize_embeddings (mean init);
+    - else nothing: returns None.
+    The result is built once per content key (base tokenizer + model, corpora, settings) under
+    cache/vocab/KEY and hard-linked to `out_dir`. Returns {"model_dir", "tokenizer_dir",
+    "old_vocab_size", "report", "cached"}.
+    """
+    from engine.data.pack import source_fingerprint, tokenizer_fingerprint
+
+    spec = preset.vocabulary
+    tok_dir, model_dir = Path(tokenizer_dir), Path(model_dir)
+    if spec is None:
+        from transformers import AutoTokenizer
+
+        cfg_file = model_dir / "config.json"  # a hub id (not a directory) is not checked
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        rows = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
+        if not rows or len(AutoTokenizer.from_pretrained(str(tok_dir))) <= rows:
+            return None
+    names = (spec.sources + spec.original_sources) if spec else []
+    key = hashlib.sha256(json.dumps({
+        "v": _STEP_VERSION, "spec": spec.model_dump(mode="json") if spec else "resize",
+        "tokenizer": tokenizer_fingerprint(tok_dir) if tok_dir.exists() else str(tok_dir),
+        "model": _model_identity(model_dir),
+        "sources": {n: source_fingerprint(preset.sources[n], "") for n in names},
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    built = cache / "vocab" / key
+    cached = (built / "vocab_report.json").exists()
+    if not cached:
+        tmp = built.with_name(f"{key}.tmp-{os.getpid()}")  # per process: two runs may build the same key
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if spec is None:
+                log("the tokenizer has more ids than the model has embedding rows: resizing (mean init)")
+                resize_embeddings(model_dir, tok_dir, tmp)
+            else:
+                log(f"extending the vocabulary on {', '.join(spec.sources)}")
+                target = _texts(preset, spec.sources, spec.max_chars)
+                original = (_texts(preset, spec.original_sources, 10 ** 9, _ORIGINAL_EVERY, _ORIGINAL_DOCS)
+                            if spec.original_sources else None)
+                with warnings.catch_warnings():  # the same messages go to `log`
+                    warnings.simplefilter("ignore")
+                    extend_vocabulary(model_dir, tok_dir, target, tmp, new_tokens=spec.new_tokens,
+                                      target_vocab_size=spec.target_vocab_size, min_frequency=spec.min_frequency,
+                                      output_init=spec.output_init, pad_to_multiple_of=spec.pad_to_multiple_of,
+                                      heldout_original=original, log=log)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            tmp.rename(built)  # atomic: a directory with a report is complete
+        except OSError:
+            if not (built / "vocab_report.json").exists():
+                raise
+            shutil.rmtree(tmp)  # another process finished the same build first
+    report = json.loads((built / "vocab_report.json").read_text(encoding="utf-8"))
+    _link_tree(built, out_dir)
+    return {"model_dir": str(out_dir), "tokenizer_dir": str(out_dir), "old_vocab_size": report["old_vocab_size"],
+            "report": report, "cached": cached}
+

@@ -67,3 +67,18 @@ def vietnamese_paragraphs(n: int, seed: int = 0) -> list[str]:
             sentences.append(" ".join(s).capitalize() + rng.choice([".", ".", ".", "?", "!"]))
         out.append(unicodedata.normalize("NFC", " ".join(sentences)))
     return out
+
+
+def write_vi_corpus(data_dir, n: int = 3000, seed: int = 0, name: str = "part-0.jsonl"):
+    """Write `n` Vietnamese-like paragraphs as DATA_DIR/vi/NAME (jsonl, field "text"), where the
+    tiny-vocab-demo preset reads its target language (${CPT_DATA}/vi/*.jsonl). Returns the path."""
+    import json
+    from pathlib import Path
+
+    out = Path(data_dir) / "vi"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    with open(path, "w", encoding="utf-8") as f:
+        for p in vietnamese_paragraphs(n, seed):
+            f.write(json.dumps({"text": p}, ensure_ascii=False) + "\n")
+    return path
