@@ -51,8 +51,9 @@ def warmup_steps(stage: StageSpec, total_steps: int) -> int:
     return 0
 
 
-def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None) -> dict:
-    """The plan as a JSON-able dict: per stage its steps, batch and tokens per source."""
+def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None, strict: bool = True) -> dict:
+    """The plan as a JSON-able dict: per stage its steps, batch and tokens per source.
+    `strict=False`: a stage with 0 steps is reported as a warning instead of raising (plan display)."""
     train_tokens = train_tokens or {}
     world = world_size(preset)
     stages = []
@@ -67,7 +68,10 @@ def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None) -> di
         steps = total_blocks // st.global_batch_size if total_blocks is not None else None
         if steps is not None and st.max_steps:
             steps = min(steps, st.max_steps)
-        if steps == 0:
+        if steps == 0 and not strict:
+            mp.sources[0].warnings.append(f"the budget gives 0 steps: less than one global batch "
+                                          f"({st.global_batch_size} × {st.seq_len} tokens)")
+        elif steps == 0:
             raise PlanError(f"stages[{i}].mixture", f"the budget gives 0 steps: it is less than one global batch "
                             f"({st.global_batch_size} × {st.seq_len} tokens); raise the budget or lower the batch")
         stages.append({
@@ -110,6 +114,8 @@ def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None) -> di
 
 def format_plan(plan: dict) -> str:
     lines = [f"preset {plan['preset']}: {len(plan['stages'])} stage(s), {plan['world_size']} process(es), {plan['cluster']}"]
+    if plan.get("prepared_from_cache"):
+        lines.append("(prepared tokens and epochs per source: from the prepared-data cache)")
     for st in plan["stages"]:
         steps = st["steps"] if st["steps"] is not None else "?"
         tokens = f"{st['tokens']:,}" if st["tokens"] is not None else "? (epochs)"
@@ -122,10 +128,11 @@ def format_plan(plan: dict) -> str:
         tr = st["trainable"]
         lines.append(f"    trainable: input_embeddings={tr['input_embeddings']} output_embeddings={tr['output_embeddings']}"
                      f" transformer={tr['transformer']}")
-        lines.append(f"    {'source':<24} {'weight':>8} {'share':>7} {'tokens':>16} {'epochs':>7}")
+        lines.append(f"    {'source':<24} {'weight':>8} {'share':>7} {'tokens':>16} {'prepared':>16} {'epochs':>7}")
         for s in st["mixture"]["sources"]:
             ep = f"{s['epochs']:.2f}" if s["epochs"] is not None else "-"
-            lines.append(f"    {s['source']:<24} {s['weight']:>8g} {s['share']:>7.2%} {s['tokens']:>16,} {ep:>7}")
+            avail = f"{s['available_tokens']:,}" if s.get("available_tokens") is not None else "-"
+            lines.append(f"    {s['source']:<24} {s['weight']:>8g} {s['share']:>7.2%} {s['tokens']:>16,} {avail:>16} {ep:>7}")
         for w in st["mixture"]["warnings"]:
             lines.append(f"    warning: {w}")
     return "\n".join(lines)

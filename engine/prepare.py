@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from engine.data.pack import Tokenizer, prepare_source, tokenizer_fingerprint, write_json_atomic
+from engine.data.pack import write_json_atomic
+from engine.data.run import prepare_data, used_sources  # noqa: F401  (used_sources: API)
 from engine.data.sources import DataError, expand_path, read_documents
 from engine.events import EventWriter
 from engine.spec import Preset, PresetError, load_preset
@@ -62,37 +63,51 @@ def _base_model_dir(preset: Preset, tok_dir: Path, run_dir: Path, ev: EventWrite
     return out
 
 
-def used_sources(preset: Preset) -> list[str]:
-    names = []
-    for st in preset.stages:
-        for s, w in preset.mixture_of(st).weights.items():
-            if s not in names:
-                names.append(s)
-    return names
+def _vocabulary(preset: Preset, cache: Path, run_dir: Path, tok_dir, model_dir, ev: EventWriter) -> dict:
+    """Vocabulary extension (or a resize for a tokenizer larger than the model), into RUN_DIR/vocab.
+    Runs before any data is tokenized: the data must be tokenized with the extended tokenizer.
+    Returns the prepared.json fields it sets ({} when there is nothing to do)."""
+    from engine.vocab import prepare_vocabulary
+
+    r = prepare_vocabulary(preset, model_dir, tok_dir, cache, run_dir / "vocab",
+                           log=lambda m: ev.emit("progress", step="vocabulary", message=m))
+    if r is None:
+        return {}
+    rep = r["report"]
+    msg = f"vocabulary: +{rep['tokens_added']} tokens, {rep['old_vocab_size']} -> {rep['new_vocab_size']} ids"
+    if rep["kind"] == "extend":
+        f = rep["fertility"]["target"]
+        msg += (f"; target fertility {f['before']:.2f} -> {f['after']:.2f} tokens/word; original words changed "
+                f"{rep['original_changed_word_share']:.2%}; init KL {max(rep['init_kl']['kl'], 0.0):.1e}")
+    # A fresh extension has already logged the same summary: then the report goes without a message.
+    said = rep["kind"] == "extend" and not r["cached"]
+    ev.emit("progress", step="vocabulary", report=rep, **({} if said else {"message": msg + " (cached)" * r["cached"]}))
+    if rep.get("requested", rep["tokens_added"]) > rep["tokens_added"]:
+        ev.emit("warning", kind="vocabulary", message=f"only {rep['tokens_added']} new tokens found, "
+                f"{rep['requested']} requested: give more target text or lower min_frequency")
+    if rep.get("original_changed_word_share", 0) > 0.01:
+        ev.emit("warning", kind="vocabulary", message=f"extension re-tokenizes "
+                f"{rep['original_changed_word_share']:.1%} of original-language words (> 1%)")
+    return {"tokenizer_dir": r["tokenizer_dir"], "model_dir": r["model_dir"],
+            "old_vocab_size": r["old_vocab_size"], "vocabulary": rep}
 
 
-def prepare(run_dir: Path, cache: Path) -> dict:
+def prepare(run_dir: Path, cache: Path, vocab_only: bool = False) -> dict:
     preset = load_preset(run_dir / "preset.yaml")
     ev = EventWriter(run_dir / "prepare" / "events.jsonl", "prepare")
     ev.emit("status", state="running")
     t0 = time.time()
     tok_dir = _tokenizer_dir(preset, cache, run_dir, ev)
     model_dir = _base_model_dir(preset, tok_dir, run_dir, ev)
-    tok = Tokenizer(tok_dir, preset.tokenizer.add_bos)
-    tok_fp = tokenizer_fingerprint(tok_dir) if Path(tok_dir).exists() else str(tok_dir)
-    sources = {}
-    for name in used_sources(preset):
-        spec = preset.sources[name]
-        out = cache / "prepared" / f"{name}-{hashlib.sha256(spec.path.encode()).hexdigest()[:8]}"
-        ev.emit("progress", step="data", source=name, message=f"preparing source {name}")
-        man = prepare_source(spec, name, tok, out, tok_fp)
-        sources[name] = {"dir": str(out), "domain": spec.domain or name,
-                         "train_tokens": man["train"]["tokens"], "val_tokens": man["val"]["tokens"],
-                         "documents": man["documents"], "skipped": man["skipped"]}
-        ev.emit("progress", step="data", source=name, tokens=man["train"]["tokens"] + man["val"]["tokens"],
-                documents=man["documents"], skipped=man["skipped"])
-    prepared = {"tokenizer_dir": str(tok_dir), "model_dir": str(model_dir), "sources": sources,
-                "vocab_size": tok.vocab_size, "seconds": time.time() - t0}
+    vocab = _vocabulary(preset, cache, run_dir, tok_dir, model_dir, ev)
+    tok_dir, model_dir = vocab.get("tokenizer_dir", tok_dir), vocab.get("model_dir", model_dir)
+    if vocab_only:  # `cpt-tui vocab`: the report is in RUN_DIR/vocab/vocab_report.json
+        ev.emit("status", state="done")
+        ev.close()
+        return vocab
+    data = prepare_data(preset, tok_dir, model_dir, cache, ev.emit)  # engine.data.run
+    prepared = {"tokenizer_dir": str(tok_dir), "model_dir": str(model_dir), **data, "seconds": time.time() - t0}
+    prepared.update(vocab)
     write_json_atomic(run_dir / "prepared.json", prepared)
     ev.emit("status", state="done")
     ev.close()
@@ -103,10 +118,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.prepare")
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("--cache", type=Path, default=None)
+    ap.add_argument("--vocab-only", action="store_true", help="only the vocabulary step (cpt-tui vocab)")
     a = ap.parse_args(argv)
     cache = a.cache or a.run_dir / "cache"
     try:
-        prepare(a.run_dir, cache)
+        prepare(a.run_dir, cache, vocab_only=a.vocab_only)
     except (DataError, PresetError) as e:
         EventWriter(a.run_dir / "prepare" / "events.jsonl", "prepare").emit("status", state="failed", reason=str(e))
         print(f"error: {e}", file=sys.stderr)

@@ -91,7 +91,9 @@ class VocabularySpec(_Strict):
     model: Literal["bpe"] = "bpe"
     output_init: Literal["mean", "first_subword"] = "mean"
     pad_to_multiple_of: int = Field(64, ge=1)
-    max_chars: int = Field(50_000_000, gt=0)
+    max_chars: int = Field(50_000_000, gt=0, description="characters of target text to train on")
+    original_sources: list[str] = Field(default_factory=list, description="original-language sources whose "
+                                        "documents measure what changed (default: stdlib docstrings, English)")
 
     @model_validator(mode="after")
     def _size(self):
@@ -117,6 +119,8 @@ class SourceSpec(_Strict):
                                 "(every n-th) is held out, as run_clm's validation_split_percentage")
     on_error: Literal["skip", "fail"] = "skip"
     domain: Optional[str] = Field(None, description="validation domain label (default: the source name)")
+    keep_boundaries: bool = Field(False, description="also store each training document's start offset "
+                                  "(train-docs.idx), for intra-document attention masks")
 
     @model_validator(mode="after")
     def _one_val(self):
@@ -257,7 +261,10 @@ class StageSpec(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     log_every: int = Field(1, gt=0)
-    nan_policy: Literal["stop", "skip"] = "stop"
+    nan_policy: Literal["stop", "skip"] = Field("stop", description="non-finite loss: stop the stage, or skip the batch")
+    spike_factor: float = Field(3.0, gt=1, description="a loss >= spike_factor × the mean of the last "
+                                "spike_window steps is recorded as a loss_spike warning")
+    spike_window: int = Field(20, gt=0)
     max_steps: Optional[int] = Field(None, gt=0, description="cap, mostly for smoke tests")
 
     @model_validator(mode="after")
@@ -337,9 +344,10 @@ class Preset(_Strict):
                 if s not in self.sources:
                     raise _PathError(f"tokenizer.train.sources[{j}]", f"unknown source {s!r}; defined: {sorted(self.sources)}")
         if self.vocabulary:
-            for j, s in enumerate(self.vocabulary.sources):
-                if s not in self.sources:
-                    raise _PathError(f"vocabulary.sources[{j}]", f"unknown source {s!r}; defined: {sorted(self.sources)}")
+            for field in ("sources", "original_sources"):
+                for j, s in enumerate(getattr(self.vocabulary, field)):
+                    if s not in self.sources:
+                        raise _PathError(f"vocabulary.{field}[{j}]", f"unknown source {s!r}; defined: {sorted(self.sources)}")
         if self.model.config is not None and self.tokenizer.path is None and self.tokenizer.train is None:
             raise _PathError("tokenizer", "a model built from `config` needs `tokenizer.path` or `tokenizer.train`")
         return self
