@@ -213,15 +213,13 @@ def test_kill_9_then_rerun_gives_identical_bytes(tmp_path, data_tok_dir, monkeyp
     src = write_jsonl(tmp_path / "big.jsonl", docs)  # ~2 MB
     env = {**os.environ, "CPT_SHARD_TOKENS": "65536", "CPT_PREP_COMMIT_S": "0", "TOKENIZERS_PARALLELISM": "false"}
     # The killed run uses 2 worker processes, the resumed one none: the bytes must not depend on it.
-    p = _run_prep(src, tmp_path / "killed", data_tok_dir, {**env, "CPT_PREP_WORKERS": "2"})
-    deadline = time.time() + 120
+    # The preparation SIGKILLs itself right after the first commit past 100k tokens: a real kill -9
+    # at a point that does not depend on how fast this machine is.
+    p = _run_prep(src, tmp_path / "killed", data_tok_dir,
+                  {**env, "CPT_PREP_WORKERS": "2", "CPT_FAULT_PREP_KILL_AFTER": "100000"})
+    p.communicate(timeout=300)
+    assert p.returncode == -signal.SIGKILL
     prog = tmp_path / "killed" / "progress.json"
-    while time.time() < deadline:
-        if prog.exists() and json.loads(prog.read_text())["state"]["train_tokens"] > 100_000:
-            break
-        time.sleep(0.05)
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
     assert not (tmp_path / "killed" / "manifest.json").exists()  # nothing half-done is complete
     committed = json.loads(prog.read_text())["state"]["bytes"]
     r = _run_prep(src, tmp_path / "killed", data_tok_dir, {**env, "CPT_PREP_WORKERS": "1"})

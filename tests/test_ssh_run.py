@@ -50,13 +50,17 @@ def test_unreachable_node_exit_2_names_it(sshd_loopback, cpt_home, tmp_path):
 
 
 def test_node_missing_the_engine_is_a_clear_error(sshd_loopback, cpt_home, tmp_path):
-    # The venv's python has accelerate but, outside the project and without PYTHONPATH, not the engine.
-    cl = ssh_cluster(sshd_loopback.ssh_config, [node("node-b", workdir=str(tmp_path), env={})])
+    # A real python without the engine: a bare venv (the project's own venv may have it installed editable).
+    bare = tmp_path / "bare-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    bare_py = str(bare / "bin" / "python")
+    cl = ssh_cluster(sshd_loopback.ssh_config, [node("node-b", workdir=str(tmp_path), env={}, python=bare_py)])
     preset = tiny_preset(tmp_path / "p.yaml", cluster=cl)
     env = {k: v for k, v in cpt_home.items() if k != "PYTHONPATH"}  # PYTHONPATH would reach the node
     r = run_cli(["--run", str(preset), "--detach"], env, timeout=120)
-    assert r.returncode == 2
-    assert f"node node-b: the engine is not installed for {PY}" in r.stderr and "pip install" in r.stderr
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"node node-b: the engine is not installed for {bare_py}" in r.stderr and "pip install" in r.stderr
+    assert not Path(cpt_home["CPT_TUI_HOME"], "runs").exists()  # nothing was started
 
 
 def test_ssh_run_with_hostile_workdir_no_injection_no_secret_leak(sshd_loopback, cpt_home, tmp_path):

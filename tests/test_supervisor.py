@@ -208,7 +208,8 @@ def test_kill9_trainer_resumes_from_checkpoint_until_the_restart_limit(cpt_home,
 
 
 def test_ctrl_c_without_terminal_detaches_then_stop_and_resume(cpt_home, tmp_path):
-    env = cpt_home
+    # Each step takes ≥ 0.15 s, so the stage is still running when `stop` arrives on a fast machine.
+    env = {**cpt_home, "CPT_FAULT_SLOW_S": "0.15"}
     preset = tiny_preset(tmp_path / "p.yaml", [("s1", 80)], every=10)
     p = subprocess.Popen([sys.executable, "-m", "cpt_tui.cli", "--run", str(preset), "--telemetry-interval", "0"],
                          env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

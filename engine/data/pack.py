@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -312,6 +313,8 @@ def _prepare_locked(spec, name, tokenizer, out, fp, tok_fp, progress, pool) -> d
     start_bytes, start_tokens = state["bytes"], state["train_tokens"] + state["val_tokens"]
     _fsync_dir(out)
 
+    kill_after = int(os.environ["CPT_FAULT_PREP_KILL_AFTER"]) if os.environ.get("CPT_FAULT_PREP_KILL_AFTER") else None
+
     def commit(meta: dict) -> None:
         for w in (train, val, bounds):
             if w is not None:
@@ -320,6 +323,8 @@ def _prepare_locked(spec, name, tokenizer, out, fp, tok_fp, progress, pool) -> d
               "train_tokens": train.tokens, "val_tokens": val.tokens, "boundaries": bounds.n if bounds else 0}
         write_json_atomic(out / "progress.json", {"format_version": FORMAT_VERSION, "fingerprint": fp, "state": st})
         state.update(st)
+        if kill_after is not None and train.tokens >= kill_after:  # fault injection for the resume test only
+            os.kill(os.getpid(), signal.SIGKILL)
 
     try:
         meta = None
