@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from engine.data.mixture import block_order, plan_mixture
-from engine.data.pack import open_tokens, write_json_atomic
+from engine.data.pack import fsync_dir, open_tokens, write_json_atomic
 from engine.events import EventWriter
 from engine.schedule import Schedule
 from engine.spec import MixtureSpec, StageSpec
@@ -136,15 +136,7 @@ def _fsync_tree(root: Path) -> None:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
     for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        _fsync_dir(d)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(d)
 
 
 def _rng_state() -> dict:
@@ -307,7 +299,7 @@ class Trainer:
             _fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _fsync_dir(self.ckpt_root)
+            fsync_dir(self.ckpt_root)
             kept = sorted(self.ckpt_root.glob("step-*"), key=_step_of)
             for old in kept[: -self.stage.checkpoint.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -126,7 +126,8 @@ def write_json_atomic(path: str | Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (the directory entry itself is fsynced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -311,7 +312,7 @@ def _prepare_locked(spec, name, tokenizer, out, fp, tok_fp, progress, pool) -> d
     router = _Router(spec, state)
     t0 = t_commit = t_report = time.time()
     start_bytes, start_tokens = state["bytes"], state["train_tokens"] + state["val_tokens"]
-    _fsync_dir(out)
+    fsync_dir(out)
 
     kill_after = int(os.environ["CPT_FAULT_PREP_KILL_AFTER"]) if os.environ.get("CPT_FAULT_PREP_KILL_AFTER") else None
 
@@ -395,7 +396,7 @@ def _prepare_locked(spec, name, tokenizer, out, fp, tok_fp, progress, pool) -> d
     }
     write_json_atomic(out / "manifest.json", man)
     (out / "progress.json").unlink(missing_ok=True)
-    _fsync_dir(out)
+    fsync_dir(out)
     return man
 
 
