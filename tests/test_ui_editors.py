@@ -12,14 +12,7 @@ from textual.widgets import Input, Select
 from cpt_tui.paths import REPO_PRESETS
 from cpt_tui.ui.app import CptApp
 from engine.spec import load_preset
-
-
-async def until(pilot, cond, timeout=10.0):
-    for _ in range(int(timeout / 0.05)):
-        if cond():
-            return
-        await pilot.pause(0.05)
-    raise AssertionError("condition not reached")
+from tests.pilot import until
 
 
 def test_mixture_weight_edit_updates_table_and_saved_preset(tmp_path):

@@ -12,6 +12,7 @@ from textual.widgets import DataTable
 from cpt_tui.ui import sample_db
 from cpt_tui.ui.app import CptApp
 from cpt_tui.ui.plot import Chart
+from tests.pilot import until
 
 
 @pytest.fixture
@@ -19,14 +20,6 @@ def sample(tmp_path) -> Path:
     db = tmp_path / "cpt-tui.db"
     sample_db.build(db)
     return db
-
-
-async def until(pilot, cond, timeout=10.0):
-    for _ in range(int(timeout / 0.05)):
-        if cond():
-            return
-        await pilot.pause(0.05)
-    raise AssertionError("condition not reached")
 
 
 def test_runs_table_sort_filter_and_navigation(sample):
