@@ -3,10 +3,13 @@
 The same tiny Llama, batch and data for
   (a) the engine as cpt-tui launches it (stage.json → `accelerate launch -m engine.train`, one
       process); tokens/s and data-loader wait are read from its metric events;
+  (a') the same with `fused_loss: false` (transformers' own loss, as (b) and (c) use): the loop's
+      overhead alone, without the chunked loss of engine/loss.py;
   (b) a minimal hand-written PyTorch loop (forward, backward, AdamW) — the limit;
   (c) the HF Trainer, run_clm-style (pre-grouped blocks, default collator).
 All three: fp32, no gradient clipping, constant LR, the same torch thread count, timed over the
-same steps after `--warmup` steps. Then the time to the first step of a stage resumed at step
+same steps after `--warmup` steps. Each figure is reported two ways: over the whole timed span
+(best of the rounds) and from the median step time over all rounds (robust to a noisy neighbour). Then the time to the first step of a stage resumed at step
 10 000 vs at step 10, from synthetic checkpoints (a real checkpoint with its step rewritten).
 """
 
@@ -83,10 +86,10 @@ def events(out: Path) -> list[dict]:
     return read_events(out / "events.jsonl")[0]
 
 
-def run_engine(prep: dict, d: Path, steps: int, warm: int) -> tuple[tuple[float, float], float, int]:
-    """((tokens per wall second, tokens per CPU second), data-wait share, threads) from the events."""
+def run_engine(prep: dict, d: Path, steps: int, warm: int, **extra) -> tuple[tuple[float, float], float, int, list]:
+    """((tokens per wall second, tokens per CPU second), data-wait share, threads, step times) from the events."""
     out = d / f"engine-{time.monotonic_ns()}"
-    _, argv = stage_cfg(prep, out, steps)
+    _, argv = stage_cfg(prep, out, steps, **extra)
     launch(argv, out)
     ev = events(out)
     threads = next(e["threads"] for e in ev if e["type"] == "status" and e["state"] == "starting")
@@ -95,7 +98,7 @@ def run_engine(prep: dict, d: Path, steps: int, warm: int) -> tuple[tuple[float,
     wait = sum(m[s]["data_wait_s"] for s in range(warm + 1, steps + 1))
     cpu = sum(m[s]["cpu_s"] for s in range(warm + 1, steps + 1))
     toks = m[steps]["tokens"] - m[warm]["tokens"]
-    return (toks / span, toks / cpu), wait / span, threads
+    return (toks / span, toks / cpu), wait / span, threads, [m[s]["step_time_s"] for s in range(warm + 1, steps + 1)]
 
 
 def batches(cfg: dict, steps: int):
@@ -114,15 +117,19 @@ def run_handwritten(prep: dict, xs, warm: int) -> float:
     model = AutoModelForCausalLM.from_pretrained(prep["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, betas=(0.9, 0.95))
+    steps = []
     for i, x in enumerate(xs):
         if i == warm:
             t0, c0 = time.perf_counter(), time.process_time()
+        s0 = time.perf_counter()
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if i >= warm:
+            steps.append(time.perf_counter() - s0)
     toks = (len(xs) - warm) * MICRO * SEQ
-    return toks / (time.perf_counter() - t0), toks / (time.process_time() - c0)
+    return (toks / (time.perf_counter() - t0), toks / (time.process_time() - c0)), steps
 
 
 def run_hf_trainer(prep: dict, xs, warm: int, d: Path) -> float:
@@ -145,7 +152,8 @@ def run_hf_trainer(prep: dict, xs, warm: int, d: Path) -> float:
     Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator,
             callbacks=[Clock()]).train()
     toks = (len(xs) - warm) * MICRO * SEQ
-    return toks / (stamps[-1][0] - stamps[warm - 1][0]), toks / (stamps[-1][1] - stamps[warm - 1][1])
+    steps = [b[0] - a[0] for a, b in zip(stamps[warm - 1:], stamps[warm:])]
+    return (toks / (stamps[-1][0] - stamps[warm - 1][0]), toks / (stamps[-1][1] - stamps[warm - 1][1])), steps
 
 
 def time_to_first_step(prep: dict, d: Path) -> dict[int, tuple[float, float]]:
@@ -179,39 +187,55 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is reported")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for all three (default: torch's)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for all (default: torch's)")
     a = ap.parse_args()
+    import statistics
+
     import torch
 
     if a.threads:
         THREADS["OMP_NUM_THREADS"] = str(a.threads)
+    names = {"engine": "engine (accelerate launch)", "engine_std": "engine, fused_loss off",
+             "hand": "handwritten loop", "hf": "HF Trainer (run_clm)"}
     with tempfile.TemporaryDirectory(prefix="cpt-bench-") as tmp:
         d = Path(tmp)
         prep = prepare(d)
         cfg, _ = stage_cfg(prep, d / "order", a.steps)
         xs = batches(cfg, a.steps)
-        res = {"engine": [], "hand": [], "hf": []}
+        res = {k: [] for k in names}  # per round: (tokens/s, tokens/cpu-s)
+        step_times = {k: [] for k in names}
         waits = []
-        for r in range(a.rounds):  # interleaved: a noisy neighbour slows all three alike
-            eng, wait_share, threads = run_engine(prep, d, a.steps, a.warmup)
-            torch.set_num_threads(threads)  # the same intra-op threads as the engine process had
+        for r in range(a.rounds):  # interleaved: a noisy neighbour slows all of them alike
+            eng, wait_share, threads, st = run_engine(prep, d, a.steps, a.warmup)
             res["engine"].append(eng)
+            step_times["engine"] += st
             waits.append(wait_share)
-            res["hand"].append(run_handwritten(prep, xs, a.warmup))
-            res["hf"].append(run_hf_trainer(prep, xs, a.warmup, d))
-            print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1][0]:,.0f} tok/s ({v[-1][1]:,.0f} tok/cpu-s)"
-                                                 for k, v in res.items()), flush=True)
+            eng, _, _, st = run_engine(prep, d, a.steps, a.warmup, fused_loss=False)
+            res["engine_std"].append(eng)
+            step_times["engine_std"] += st
+            torch.set_num_threads(threads)  # the same intra-op threads as the engine process had
+            for k, fn in (("hand", lambda: run_handwritten(prep, xs, a.warmup)),
+                          ("hf", lambda: run_hf_trainer(prep, xs, a.warmup, d))):
+                tput, st = fn()
+                res[k].append(tput)
+                step_times[k] += st
+            print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1][0]:,.0f} tok/s" for k, v in res.items()), flush=True)
         ttfs = time_to_first_step(prep, d)
     print(f"model: Llama hidden 128, 2 layers, vocab 2048; batch {MICRO}x{SEQ} tokens; fp32; {threads} thread(s); "
-          f"steps {a.warmup + 1}..{a.steps} timed; best of {a.rounds} interleaved rounds")
-    for i, unit in ((0, "tokens/s"), (1, "tokens/cpu-s")):
-        eng, hand, hf = (max(x[i] for x in res[k]) for k in ("engine", "hand", "hf"))
-        print(f"{unit} engine (accelerate launch) = {eng:,.0f}")
-        print(f"{unit} handwritten loop         = {hand:,.0f}")
-        print(f"{unit} HF Trainer (run_clm)     = {hf:,.0f}")
-        print(f"ratio engine/handwritten ({unit}) = {eng / hand:.3f}   (target >= 0.95)")
-        print(f"ratio engine/hf_trainer ({unit}) = {eng / hf:.3f}   (target >= 1.1)")
+          f"steps {a.warmup + 1}..{a.steps} timed; {a.rounds} interleaved rounds")
+    per_step = MICRO * SEQ
+    med = {k: per_step / statistics.median(v) for k, v in step_times.items()}
+    best = {k: max(x[0] for x in v) for k, v in res.items()}
+    cpu = {k: max(x[1] for x in v) for k, v in res.items()}
+    for k, n in names.items():
+        print(f"{n:28s} {med[k]:>9,.0f} tok/s (median step)  {best[k]:>9,.0f} tok/s (best span)  "
+              f"{cpu[k]:>9,.0f} tok/cpu-s")
+    for label, v in (("median step", med), ("best span", best), ("cpu", cpu)):
+        print(f"ratio engine/handwritten ({label}) = {v['engine'] / v['hand']:.3f}   (target >= 0.95)")
+        print(f"ratio engine/hf_trainer ({label}) = {v['engine'] / v['hf']:.3f}   (target >= 1.1)")
+        print(f"ratio engine_fused_loss_off/handwritten ({label}) = {v['engine_std'] / v['hand']:.3f}   "
+              "(the loop's own overhead)")
     print(f"data-loader wait share = {min(waits):.4%} of step time   (target < 1%; worst round {max(waits):.4%})")
     for step, (in_proc, wall) in ttfs.items():
         print(f"time to first step resuming at step {step:>6} = {in_proc:.2f} s after trainer start "

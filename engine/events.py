@@ -8,6 +8,7 @@ Every record: {"v": 1, "seq": int ≥ 1, increasing per file, "ts": float (unix 
   status      state: starting|running|done|failed|stopped
               [reason] [exit_code] [step] [total_steps] [tokens] [world_size] [grad_accum]
               [threads] (torch intra-op threads per process) [resumed_from] [export]
+              [loss] on "running": "fused" (engine/loss.py) or "standard (why)"
               exit_code 75 = stopped by SIGTERM after a checkpoint, resumable
   metric      step, tokens, loss, lr, grad_norm|null, tokens_per_s, total_steps,
               [data_wait_s] (seconds spent fetching batches since the last metric)
@@ -42,7 +43,7 @@ COMMON = {"v": int, "seq": int, "ts": _NUM, "type": str, "stage": str}
 SCHEMA: dict[str, tuple[dict, dict]] = {
     "status": ({"state": str}, {"reason": str, "exit_code": int, "step": int, "total_steps": int, "tokens": int,
                                 "world_size": int, "grad_accum": int, "threads": int, "resumed_from": (str, type(None)),
-                                "export": str}),
+                                "export": str, "loss": str}),
     "metric": ({"step": int, "tokens": int, "loss": _NUM, "lr": _NUM, "grad_norm": _OPT_NUM,
                 "tokens_per_s": _NUM, "total_steps": int},
                {"data_wait_s": _NUM, "step_time_s": _NUM, "cpu_s": _NUM, "elapsed": _NUM, "skipped": int}),

@@ -258,6 +258,9 @@ class StageSpec(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 0
     offload: Literal["none", "cpu"] = "none"
     gradient_checkpointing: bool = False
+    fused_loss: bool = Field(True, description="chunked head + cross-entropy that never holds the whole "
+                             "batch's logits (engine/loss.py); the standard loss is used by itself when the "
+                             "model's head does not allow it")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     log_every: int = Field(1, gt=0)

@@ -38,6 +38,7 @@ import torch
 from engine.data.mixture import block_order, plan_mixture
 from engine.data.pack import fsync_dir, open_tokens, write_json_atomic
 from engine.events import EventWriter
+from engine.loss import fused_head_unsupported, install_head, linear_cross_entropy, restore_head, shifted_targets
 from engine.schedule import Schedule
 from engine.spec import MixtureSpec, StageSpec
 from engine.trainable import RowGuard, apply_patterns, apply_trainable, param_groups
@@ -246,6 +247,15 @@ class Trainer:
             self.guard = apply_trainable(model, st.trainable, old_vocab)
         if weights_from is not None:  # `start: resume` from another stage: its weights, before wrapping
             _load_weights(model, weights_from)
+        # The chunked loss (engine/loss.py) when the head allows it: never the whole batch's logits.
+        self.loss_kind = "standard"
+        self.head = None
+        if st.fused_loss:
+            why = fused_head_unsupported(model, zero3=self.ds and st.zero_stage == 3)
+            if why is None:
+                self.head, self.loss_kind = install_head(model), "fused"
+            else:
+                self.loss_kind = f"standard ({why})"
         o = st.optimizer
         self.opt = torch.optim.AdamW(param_groups(model, o.weight_decay, self.guard), lr=st.schedule.lr,
                                      betas=o.betas, eps=o.eps)
@@ -369,7 +379,7 @@ class Trainer:
                 x = (mine[i:i + mb] if i < len(mine) else blocks[:1]).to(dev)
                 real = max(0, min(mb, len(mine) - i))
                 with self.accelerator.autocast():
-                    loss = self.model(input_ids=x, labels=x).loss
+                    loss = self.lm_loss(x)
                 if real:
                     k = real * (x.shape[1] - 1)  # predicted positions of the real blocks
                     total += loss.float().item() * k
@@ -382,6 +392,13 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ loop
+    def lm_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of the blocks `x` (through the wrapped model: DDP/DeepSpeed hooks run)."""
+        if self.head is None:
+            return self.model(input_ids=x, labels=x, use_cache=False).loss
+        hidden = self.model(input_ids=x, use_cache=False).logits  # the HiddenHead passes hidden states
+        return linear_cross_entropy(hidden, self.head.weight, shifted_targets(x))
+
     @property
     def tokens(self) -> int:
         return self.position * self.stage.seq_len
@@ -405,7 +422,7 @@ class Trainer:
             self.load_checkpoint(other, own=False)
         if self.relora:
             self._set_phase()
-        self.ev.emit("status", state="running", step=self.step, total_steps=self.total_steps,
+        self.ev.emit("status", state="running", step=self.step, total_steps=self.total_steps, loss=self.loss_kind,
                      resumed_from=str(resumed or other) if (resumed or other) else None)
         if resumed is None and self.val:
             self.evaluate()
@@ -478,7 +495,7 @@ class Trainer:
             wait += time.perf_counter() - t0
             last = m == n - 1
             if self.ds:
-                loss = self.model(input_ids=x, labels=x).loss
+                loss = self.lm_loss(x)
                 loss = self._fault(loss, m)
                 self.model.backward(loss)  # DeepSpeed divides by the accumulation steps itself
                 if not last:
@@ -487,7 +504,7 @@ class Trainer:
                 ctx = acc.no_sync(self.model) if self.world > 1 and not last else nullcontext()
                 with ctx:
                     with acc.autocast():
-                        loss = self.model(input_ids=x, labels=x).loss
+                        loss = self.lm_loss(x)
                     loss = self._fault(loss, m)
                     acc.backward(loss / n)
             loss_sum += loss.detach().double().cpu()
@@ -557,6 +574,7 @@ class Trainer:
             final, tmp = self.out / "final", self.out / ".tmp-final"
             shutil.rmtree(tmp, ignore_errors=True)
             model = self.unwrapped
+            restore_head(model)  # the real lm_head Linear again (same Parameter)
             if self.stage.lora:
                 model.save_pretrained(str(tmp / "adapter"))
                 model = export_model(model)
