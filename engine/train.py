@@ -257,8 +257,8 @@ class Trainer:
             else:
                 self.loss_kind = f"standard ({why})"
         o = st.optimizer
-        self.opt = torch.optim.AdamW(param_groups(model, o.weight_decay, self.guard), lr=st.schedule.lr,
-                                     betas=o.betas, eps=o.eps)
+        self.opt = _adamw(param_groups(model, o.weight_decay, self.guard), lr=st.schedule.lr, betas=o.betas,
+                          eps=o.eps, fused=not self.ds)  # DeepSpeed wraps the optimizer itself
         self.data = StageData(cfg, st, self.mix, self.seed)
         self.total_steps = len(self.data) // st.global_batch_size
         if st.max_steps:
@@ -583,6 +583,17 @@ class Trainer:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         self.dist.barrier()
+
+
+def _adamw(groups: list[dict], fused: bool, **kw) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel (one pass over all tensors; the HF Trainer's default too)
+    where this torch and device have it, else the multi-tensor (foreach) one."""
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kw)
+        except (RuntimeError, ValueError):
+            pass
+    return torch.optim.AdamW(groups, **kw)
 
 
 def _extend_context(config, seq_len: int, rope_theta: float | None) -> None:
