@@ -2,7 +2,8 @@
 
 On one generated jsonl corpus (default 200 MB; --quick: 20 MB) with one trained byte-level BPE, on
 the same cores, it prints:
-  (a) cpt-tui preparation (engine.data.pack.prepare_source: read, tokenize in worker processes, pack, shards)
+  (a) cpt-tui preparation (engine.data.pack.prepare_source: read, tokenize in worker processes, pack, shards;
+      the workers use the exact byte-level BPE fast path of engine.data.fastbpe when the tokenizer allows it)
   (b) Hugging Face `datasets`: load_dataset("json") + map(tokenize, batched=True, num_proc) + map(group_texts)
       with the itertools.chain group_texts of the current run_clm.py (PITFALLS #4: the fair baseline)
   (c) the raw limit: the tokenizer's own `encode_batch` (all cores, Rust threads) over the texts in memory
@@ -216,7 +217,7 @@ def main() -> int:
               f" + tokenize {h['tokenize']:.1f} + group_texts {h['group']:.1f}; {res['hf'][1]:.1f} CPU-s)")
     print(f"(c) raw encode_batch:        {raw:>12,.0f} tokens/s  (runs: {tps('raw'):,.0f} and {tps('raw2'):,.0f}; "
           f"{raw_cpu:.1f} CPU-s)")
-    print(f"    raw encode_batch_fast:   {tps('raw_fast'):>12,.0f} tokens/s  (what prep's workers call: no offsets)")
+    print(f"    raw encode_batch_fast:   {tps('raw_fast'):>12,.0f} tokens/s  (what prep's workers call for documents its exact fast path does not take)")
     print(f"ratio prep/raw = {tps('prep') / raw:.2f}   (target >= 0.85)")
     if "hf" in res:
         print(f"ratio prep/hf = {tps('prep') / tps('hf'):.2f}   (target >= 2)")
