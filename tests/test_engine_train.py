@@ -226,6 +226,32 @@ def test_validation_loss_equals_independent_evaluation(prepared, reference):
         assert abs(ours - final_evals[name]) < 1e-3, (name, ours, final_evals[name])
 
 
+def test_start_resume_from_another_stage_keeps_step_and_data_and_honours_load_flags(prepared, reference, tmp_path):
+    """`start: resume` from another stage's checkpoint (nanotron's semantics): the step and the data
+    position are kept; with both load flags the curve continues exactly as if never interrupted
+    (dropout 0, so no RNG state is needed); without them AdamW starts fresh and the LR warms up again."""
+    _, ref = reference
+    ref_metrics = {e["step"]: e for e in events(ref) if e["type"] == "metric"}
+    ck = str(ref / "checkpoints" / "step-6")
+    kw = dict(start="resume", **{"from": ck}, resume_from=ck)
+    cont, fresh = tmp_path / "cont", tmp_path / "fresh"
+    _, argv = make_stage(prepared, cont, **kw)
+    assert_done(launch(argv, cont), cont)
+    _, argv = make_stage(prepared, fresh, load_optimizer=False, load_lr_scheduler=False, **kw)
+    assert_done(launch(argv, fresh), fresh)
+    got = {name: {e["step"]: e for e in events(out) if e["type"] == "metric"} for name, out in
+           (("cont", cont), ("fresh", fresh))}
+    for name in got:
+        assert sorted(got[name]) == list(range(7, 13)), name  # steps 7..12: the step is kept
+        assert got[name][7]["tokens"] == ref_metrics[7]["tokens"]  # so is the data position
+        assert got[name][7]["loss"] == ref_metrics[7]["loss"]  # same weights, same batch
+    assert {s: m["loss"] for s, m in got["cont"].items()} == {s: ref_metrics[s]["loss"] for s in range(7, 13)}
+    assert [m["lr"] for m in got["cont"].values()] == [ref_metrics[s]["lr"] for s in range(7, 13)]
+    lrs = [got["fresh"][s]["lr"] for s in (7, 8, 9)]
+    assert lrs[0] < lrs[1] and lrs[0] < ref_metrics[7]["lr"]  # warming up again from step 7
+    assert got["fresh"][8]["loss"] != ref_metrics[8]["loss"]  # a fresh AdamW takes another first step
+
+
 # --------------------------------------------------------------------------- what trains
 
 
