@@ -113,6 +113,9 @@ class SourceSpec(_Strict):
     path: str
     format: Literal["auto", "jsonl", "parquet", "text", "hf"] = "auto"
     text_field: str = "text"
+    sample_by: Literal["document", "paragraph", "line"] = Field(
+        "document", description="text files: one document per file, per blank-line-separated paragraph, "
+        "or per line (the options of datasets' text loader; blank lines are separators, not documents)")
     max_tokens: Optional[int] = Field(None, gt=0, description="cap on training tokens taken from this source")
     val_tokens: int = Field(0, ge=0, description="tokens held out for validation, never trained on")
     val_fraction: float = Field(0.0, ge=0, lt=1, description="instead of val_tokens: this share of documents "

@@ -182,6 +182,10 @@ def test_formats_dirs_globs_compressed_parquet_text_hf(tmp_path, data_tok, data_
     for i, x in enumerate(docs[:3]):
         (tmp_path / "txt" / f"{i}.txt").write_text(x)
     assert one(SourceSpec(path=str(tmp_path / "txt")), "txt") == docs[:3]
+    (tmp_path / "lines.txt").write_text("\n".join(docs[3:6]) + "\n\n\n" + "\n\n \n".join(docs[6:9]) + "\n")
+    assert one(SourceSpec(path=str(tmp_path / "lines.txt"), sample_by="line"), "by-line") == docs[3:9]
+    assert one(SourceSpec(path=str(tmp_path / "lines.txt"), sample_by="paragraph"), "by-par") == [
+        "\n".join(docs[3:6]), *docs[6:9]]
     Dataset.from_dict({"text": docs[:12]}).save_to_disk(str(tmp_path / "hfds"))
     assert one(SourceSpec(path=str(tmp_path / "hfds")), "hf") == docs[:12]
 

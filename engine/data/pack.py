@@ -59,6 +59,8 @@ def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
 def spec_fingerprint(spec: SourceSpec) -> str:
     """Content key of a source without the tokenizer: the spec fields that change the tokens, its files."""
     d = spec.model_dump(mode="json", exclude={"domain", "on_error"})  # labels and policy, not content
+    if d.get("sample_by") == "document":  # the default since before the field existed: same keys as then
+        del d["sample_by"]
     h = hashlib.sha256(json.dumps(d, sort_keys=True).encode())
     h.update(f"{FORMAT_VERSION}|{shard_tokens()}".encode())
     for f in source_files(spec):

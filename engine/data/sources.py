@@ -25,6 +25,9 @@ from engine.spec import SourceSpec
 Position = tuple[int, int]  # (file index, record index within the file)
 
 
+_PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n\s*")  # a blank line (and any further ones) between paragraphs
+
+
 class DataError(Exception):
     """Bad data or a bad path: the message names the file (and line) and what to do."""
 
@@ -192,8 +195,9 @@ class SourceReader:
                     yield ri, text
 
     def _text(self, path: str, skip: int) -> Iterator[tuple[int, str]]:
-        # A text file is one document (record 0).
-        if skip:
+        # sample_by document: the file is record 0; paragraph / line: record i is the i-th piece.
+        by = self.spec.sample_by
+        if skip and by == "document":
             return
         with open(path, "rb") as raw:
             self._raw = raw
@@ -204,7 +208,10 @@ class SourceReader:
         except UnicodeDecodeError as e:
             self._bad("invalid UTF-8", path, f"byte {e.start} ({e.reason}); re-encode the file as UTF-8 or set on_error: skip")
             return
-        if text.strip():
+        if by != "document":
+            pieces = _PARAGRAPH.split(text.rstrip("\r\n")) if by == "paragraph" else text.splitlines()
+            yield from ((ri, p) for ri, p in enumerate(pieces) if ri >= skip and p.strip())
+        elif text.strip():
             yield 0, text
         else:
             self.counters.skip("empty document", path)
