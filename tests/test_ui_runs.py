@@ -124,3 +124,42 @@ def test_palette_lists_runs_and_presets(sample):
             assert "Launch preset tiny-demo" in texts
             assert any(t.startswith("Compare ") for t in texts)
     asyncio.run(go())
+
+
+def test_detail_reuse_draws_with_data_and_hidden_screens_rest(sample):
+    """Opening runs one after the other reuses the detail screen, pushed with the new run's data; the
+    charts redraw on data, focus (axis colour) and resize; the runs list under it does not poll."""
+    async def go():
+        app = CptApp(sample, keymap={})
+        async with app.run_test(size=(180, 45)) as pilot:
+            await until(pilot, lambda: type(app.screen).__name__ == "RunsScreen" and app.screen.polls)
+            runs = app.screen
+            app.open_run(sample_db.DONE)
+            await until(pilot, lambda: type(app.screen).__name__ == "RunDetailScreen" and app.screen.data)
+            detail = app.screen
+            loss = detail.query_one("#chart-loss", Chart)
+            assert detail.query_one("#chart-val", Chart).labels == ["code", "prose"]
+            polls = runs.polls
+            await pilot.pause(2.5)  # more than a poll period
+            assert runs.polls == polls  # hidden under the detail: no polling, no repaint
+            app.pop_screen()
+            await pilot.pause(0.2)
+            app.open_run(sample_db.FAILED)
+            # normally pushed with its data (read first, up to App.OPEN_WAIT_S)
+            await until(pilot, lambda: app.screen is detail and detail.data
+                        and detail.data.run["id"] == sample_db.FAILED)
+            assert sample_db.FAILED in str(detail.query_one("#run-title").render())
+            assert loss.labels == ["loss", "EMA 0.1"]
+            drawn = []
+            orig = loss._render_plot
+            loss._render_plot = lambda: (drawn.append(1), orig())
+            loss.focus()
+            await pilot.pause(0.2)
+            assert drawn  # the axis takes the focus colour
+            drawn.clear()
+            await pilot.resize_terminal(150, 40)
+            await pilot.pause(0.3)
+            assert drawn and loss.query_one("#plot").size.width < 80
+            await pilot.press("escape")
+            await until(pilot, lambda: app.screen is runs)
+    asyncio.run(go())

@@ -58,12 +58,15 @@ class CptApp(App):
         Binding("f5,5", "switch_mode('nodes')", "Nodes", id="app.nodes"),
     ]
 
+    OPEN_WAIT_S = 0.25  # longest wait for a run's data before its detail screen is shown anyway
+
     def __init__(self, db_path: Path, *, preset: Optional[str] = None, keymap: Optional[dict] = None):
         super().__init__()
         self.db_path = Path(db_path)
         self.draft: Optional[Draft] = None
         self._preset = preset
         self._keymap = load_keymap() if keymap is None else keymap
+        self._opening: Optional[str] = None  # run whose detail waits for its data before being shown
         theme = os.environ.get("CPT_TUI_THEME")
         if theme:
             self.theme = theme
@@ -93,7 +96,19 @@ class CptApp(App):
             self.install_screen(RunDetailScreen(run_id), "detail")
         detail = self.get_screen("detail")
         detail.set_run(run_id)
-        self.push_screen("detail")
+        # Read the run first and push the screen with its data: one layout and paint of the curves,
+        # not an empty frame then a second one (and no GIL contention between the two). A slow read
+        # does not hold the screen back for more than OPEN_WAIT_S (it then fills in when done).
+        self._opening = run_id
+        base = self.screen
+
+        def push() -> None:
+            if self._opening == run_id and self.screen is base:
+                self._opening = None
+                self.push_screen("detail")
+
+        detail.poll(hidden=True, then=push)
+        self.set_timer(self.OPEN_WAIT_S, push)
 
     def attach_logs(self, run_id: str) -> None:
         self.push_screen(LogScreen(run_id))

@@ -20,7 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from textual.app import RenderResult
+from textual.widget import Widget
 from textual.widgets import Sparkline
+from textual_hires_canvas import Canvas
 from textual_plot import HiResMode, LegendLocation, PlotWidget
 
 PALETTE = ("#4ea1ff", "#ffb454", "#7bd88f", "#ff6b81", "#c792ea", "#5ccfe6", "#f78c6c", "#d4d4d4")
@@ -35,7 +38,16 @@ class Series:
 
 
 class Chart(PlotWidget):
-    """A line chart: `show(series, markers)`; identical data is not redrawn (coalesced updates)."""
+    """A line chart: `show(series, markers)`; identical data is not redrawn (coalesced updates).
+
+    Drawing cost: `PlotWidget` draws its canvases from `render()`, i.e. while a frame is being
+    composed, so they are painted again on the next frame; its legend (a Static) is rewritten, and
+    the layout redone, by every `clear`/`plot`/`add_v_line`; it redraws on any style update. `show`
+    therefore updates the legend once and only when it changes, and draws the canvases right away
+    when their sizes are known (one refresh per canvas, painted in the next frame). This relies on
+    textual-plot 0.10 internals (`_render_plot`, `_needs_rerender`, `_update_legend`); if they
+    change, drawing falls back to PlotWidget's own path.
+    """
 
     DEFAULT_CSS = "Chart { height: 1fr; min-height: 8; }"
 
@@ -43,6 +55,10 @@ class Chart(PlotWidget):
         super().__init__(id=id, classes=classes)
         self.title = title
         self._key = None
+        self._legend_key = None
+        self._quiet_legend = False
+        self._style_check = True
+        self._style_key: Optional[tuple] = None
         self.labels: list[str] = []  # what is drawn (tests read it)
         self.markers: list[float] = []
         self.border_title = title
@@ -55,22 +71,87 @@ class Chart(PlotWidget):
 
     def show(self, series: Sequence[Series], markers: Sequence[float] = (), xlabel: str = "") -> bool:
         """Replace what is drawn. Returns False (and draws nothing) when nothing changed."""
-        key = (tuple((s.label, tuple(s.x), tuple(s.y)) for s in series), tuple(markers), xlabel)
+        key = (tuple((s.label, tuple(s.x), tuple(s.y), s.style) for s in series), tuple(markers), xlabel)
         if key == self._key:
             return False
         self._key = key
-        self.clear()
-        self.labels = [s.label for s in series if len(s.x)]
-        self.markers = list(markers)
-        for i, s in enumerate(series):
-            if len(s.x):
-                self.plot(list(s.x), list(s.y), line_style=s.style or PALETTE[i % len(PALETTE)],
-                          hires_mode=HiResMode.BRAILLE, label=s.label)
-        for m in markers:
-            self.add_v_line(m, line_style="grey50")
-        self.set_xlabel(xlabel)
-        if len(self.labels) > 1:
-            self.show_legend(LegendLocation.TOPRIGHT)
+        self._quiet_legend = True
+        try:
+            self.clear()
+            self.labels = [s.label for s in series if len(s.x)]
+            self.markers = list(markers)
+            styles = []
+            for i, s in enumerate(series):
+                if len(s.x):
+                    styles.append(s.style or PALETTE[i % len(PALETTE)])
+                    self.plot(s.x, s.y, line_style=styles[-1], hires_mode=HiResMode.BRAILLE, label=s.label)
+            for m in markers:
+                self.add_v_line(m, line_style="grey50")
+            self.set_xlabel(xlabel)
+        finally:
+            self._quiet_legend = False
+        legend = (len(self.labels) > 1, tuple(zip(self.labels, styles)))
+        if legend != self._legend_key:
+            self._legend_key = legend
+            if legend[0]:
+                self.show_legend(LegendLocation.TOPRIGHT)
+            else:
+                self.show_legend(is_visible=False)
+        if not self._draw_now():
+            self.refresh()  # PlotWidget.render() draws
+        return True
+
+    def notify_style_update(self) -> None:
+        # PlotWidget redraws everything on every style update (each time the screen is shown, on focus
+        # and hover) and skips Widget's cache reset. Reset the caches; redraw only if the styles the
+        # drawing uses changed (checked at render time: component styles are updated after this call).
+        Widget.notify_style_update(self)
+        self._style_check = True
+
+    def render(self) -> RenderResult:
+        if self._style_check:
+            self._style_check = False
+            key = tuple(str(self.get_component_rich_style(c)) for c in ("plot--axis", "plot--tick", "plot--label"))
+            if key != self._style_key:
+                self._style_key = key
+                self._needs_rerender = True
+        return super().render()
+
+    def _update_legend(self) -> None:
+        if not self._quiet_legend:
+            super()._update_legend()
+
+    def _rerender(self) -> None:
+        if self._quiet_legend:  # inside show(): drawn at its end (the canvases repaint, not the frame)
+            self._needs_rerender = True
+        else:
+            super()._rerender()
+
+    def _render_plot(self) -> None:
+        canvases = list(self.query(Canvas))
+        before = [([r[:] for r in c._buffer], [r[:] for r in c._styles]) for c in canvases]  # some are drawn in place
+        for c in canvases:  # one refresh per canvas that changed, not one per pixel
+            c._refreshes_pending += 1
+        try:
+            super()._render_plot()
+        finally:
+            for c, old in zip(canvases, before):
+                c._refreshes_pending -= 1
+                if not c._refreshes_pending and (c._buffer, c._styles) != old:
+                    c.refresh()
+
+    def _draw_now(self) -> bool:
+        """Draw on the canvases now if their sizes are settled (else `render()` will, after resizing) and
+        the chart is not in a hidden tab (then `render()` will, when it is shown)."""
+        if not getattr(self, "_needs_rerender", False) or getattr(self, "_needs_canvas_resize", True):
+            return False
+        if not self.is_mounted or not all(n.display for n in self.ancestors_with_self if isinstance(n, Widget)):
+            return False
+        canvases = list(self.query(Canvas))
+        if not canvases or any(not c.size or getattr(c, "_canvas_size", None) != c.size for c in canvases):
+            return False
+        self._render_plot()
+        self._needs_rerender = False
         return True
 
 

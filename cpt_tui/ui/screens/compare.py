@@ -6,8 +6,9 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Header, Static
 
+from cpt_tui.ui.widgets import KeysFooter
 from cpt_tui.store import Store
 from cpt_tui.ui.data import ema, load_curves
 from cpt_tui.ui.plot import Chart, Series
@@ -28,7 +29,7 @@ class CompareScreen(Screen):
         yield Static("comparing " + ", ".join(self.run_ids), id="compare-title")
         yield Chart("train loss (EMA)", id="cmp-loss")
         yield Chart("validation loss (mean over domains)", id="cmp-val")
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         self._load()

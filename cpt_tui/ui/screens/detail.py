@@ -7,17 +7,18 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, VerticalScroll
-from textual.widgets import DataTable, Footer, Header, Label, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Header, Label, Static, TabbedContent, TabPane
 
 from cpt_tui.store import TERMINAL, Store
 from cpt_tui.ui.data import (Curves, NodeTelemetry, ema, fmt_si, load_curves, log_tail,
                              node_telemetry, recent_events)
 from cpt_tui.ui.plot import Chart, Series, sparkline
-from cpt_tui.ui.widgets import STATUS_STYLE, PollingScreen, stage_timeline
+from cpt_tui.ui.widgets import STATUS_STYLE, KeysFooter, PollingScreen, stage_timeline
 
 EMA_ALPHA = 0.1
 
@@ -49,6 +50,10 @@ class RunDetailScreen(PollingScreen):
         self.data: Optional[Detail] = None
         self._buckets = 400
         self.fetch_seconds = 0.0  # SQL time of the last poll (benchmark)
+        self._texts: dict[str, Text] = {}  # what the Statics show (see _put)
+        self._events: list = []  # what the events table shows
+        self._telemetry_of: Optional[str] = None  # run whose sparklines are mounted
+        self._telemetry_gen = 0
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -70,24 +75,50 @@ class RunDetailScreen(PollingScreen):
                 yield table
             with TabPane("Log", id="tab-log"):
                 yield VerticalScroll(Static("", id="log"), id="log-scroll")
-        yield Footer()
+        yield KeysFooter()
 
     def set_run(self, run_id: str) -> None:
-        """Show another run (the screen is built once and reused: opening a run only reads data)."""
+        """Show another run (the screen is built once and reused: opening a run only reads data). The
+        previous run's widgets are overwritten by the new data, or cleared if the screen is shown first."""
         if run_id == self.run_id:
             return
         self.run_id, self.data = run_id, None
-        if not self.is_mounted:
-            return
-        self.query_one("#run-title", Static).update(run_id)
-        self.query_one("#timeline", Static).update("")
+
+    def _clear(self) -> None:
+        self._put("#run-title", Text(self.run_id))
+        self._put("#timeline", Text())
         for chart in self.query(Chart):
             chart.show([], ())
         self.query_one("#events", DataTable).clear()
 
+    def resumed(self) -> None:
+        d = self.data
+        if d is None or d.run["id"] != self.run_id:
+            self._clear()  # still showing the previous run
+        elif time.monotonic() - self.last_poll < 1.0:
+            return  # just read before the screen was pushed (App.open_run)
+        self.poll()
+
+    def _put(self, selector: str, text: Text) -> None:
+        """Update a Static, and the layout only if its height can change (not the case when the lines
+        stay the same in number and all fit the width: a live run's title and timeline every poll)."""
+        w = self.query_one(selector, Static)
+        old = self._texts.get(selector)
+        if old is not None and old == text:
+            return
+        self._texts[selector] = text
+        width = w.size.width
+        lines = [text.plain.split("\n"), old.plain.split("\n") if old is not None else None]
+        same_height = (width > 0 and lines[1] is not None and len(lines[0]) == len(lines[1])
+                       and all(cell_len(l) < width for ls in lines for l in ls))
+        w.update(text, layout=not same_height)
+
     # ------------------------------------------------------------------ data
     def prepare_poll(self) -> None:
-        w = self.query_one("#chart-loss", Chart).size.width
+        if self.is_mounted:
+            w = self.query_one("#chart-loss", Chart).size.width
+        else:  # read before the first push: about half the terminal
+            w = self.app.size.width // 2 - 2
         self._buckets = max(100, min(1000, 2 * (w or 200)))
 
     def fetch(self, store: Store) -> Optional[Detail]:
@@ -107,7 +138,7 @@ class RunDetailScreen(PollingScreen):
 
     def show(self, d: Optional[Detail]) -> None:
         if d is None:
-            self.query_one("#run-title", Static).update(f"run {self.run_id}: not found")
+            self._put("#run-title", Text(f"run {self.run_id}: not found"))
             return
         if d.run["id"] != self.run_id:
             return  # a poll of the run shown before
@@ -122,12 +153,12 @@ class RunDetailScreen(PollingScreen):
         title.append(f"  preset {r['preset']}  dir {r['run_dir']}")
         if r.get("error"):
             title.append(f"\nerror: {r['error'][:300]}", style="red")
-        self.query_one("#run-title", Static).update(title)
-        self.query_one("#timeline", Static).update(stage_timeline(d.stages))
+        self._put("#run-title", title)
+        self._put("#timeline", stage_timeline(d.stages))
         self.draw_curves()
         self._show_events(d.events)
         name, text = d.log
-        self.query_one("#log", Static).update(Text(f"== {name} ==\n{text}" if name else text))
+        self._put("#log", Text(f"== {name} ==\n{text}" if name else text))
         self._show_telemetry(d.nodes)
 
     def draw_curves(self) -> None:
@@ -149,8 +180,9 @@ class RunDetailScreen(PollingScreen):
 
     def _show_events(self, events: list) -> None:
         table = self.query_one("#events", DataTable)
-        if table.row_count == len(events) and events and table.get_row_at(table.row_count - 1)[3] == events[-1][3]:
+        if events == self._events and table.row_count == len(events):
             return
+        self._events = events
         table.clear()
         for e in events:
             table.add_row(*e)
@@ -158,14 +190,21 @@ class RunDetailScreen(PollingScreen):
 
     def _show_telemetry(self, nodes: list[NodeTelemetry]) -> None:
         box = self.query_one("#telemetry", VerticalScroll)
+        if self._telemetry_of != self.run_id:  # the screen is reused: drop the previous run's rows
+            self._telemetry_of = self.run_id
+            self._telemetry_gen += 1  # new ids: the removal completes later
+            box.query(".spark-row").remove()
         self.query_one("#telemetry-empty").display = not nodes
         for n in nodes:
             for metric, values in sorted(n.series.items()):
-                wid = f"spark-{_safe(n.node)}-{_safe(metric)}"
+                wid = f"spark{self._telemetry_gen}-{_safe(n.node)}-{_safe(metric)}"
                 found = box.query(f"#{wid}")
                 if found:
                     found.first().data = values[-120:]
-                    self.query_one(f"#lbl-{wid}", Label).update(f"{n.node} {metric}: {fmt_si(n.latest.get(metric))}")
+                    label = f"{n.node} {metric}: {fmt_si(n.latest.get(metric))}"
+                    lbl = self.query_one(f"#lbl-{wid}", Label)
+                    if lbl.content != label:
+                        lbl.update(label)
                 else:
                     box.mount(Horizontal(Label(f"{n.node} {metric}: {fmt_si(n.latest.get(metric))}",
                                                id=f"lbl-{wid}", classes="spark-label"),

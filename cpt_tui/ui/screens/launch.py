@@ -14,10 +14,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Button, Footer, Header, Input, Select, Static
+from textual.widgets import Button, Header, Input, Select, Static
 
 from cpt_tui import paths
-from cpt_tui.ui.widgets import Note
+from cpt_tui.ui.widgets import KeysFooter, Note
 
 TARGETS = [("this machine (local)", "local"), ("the preset's nodes (ssh)", "nodes")]
 
@@ -74,7 +74,7 @@ class LaunchScreen(Screen):
             yield Button("Launch", id="launch", variant="success")
         yield Note("", id="launch-status")
         yield VerticalScroll(Static("", id="commands"), id="commands-scroll")
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         if self.app.draft is not None and self.app.draft.path:

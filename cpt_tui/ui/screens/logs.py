@@ -8,8 +8,9 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import Footer, Header, RichLog
+from textual.widgets import Header, RichLog
 
+from cpt_tui.ui.widgets import KeysFooter
 from cpt_tui.store import Store
 
 FOLLOW_S = 1.0
@@ -27,7 +28,7 @@ class LogScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield RichLog(id="logview", wrap=False, max_lines=5000)
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         self.follow()

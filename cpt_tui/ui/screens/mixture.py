@@ -12,13 +12,13 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Select
+from textual.widgets import Button, DataTable, Header, Input, Label, Select
 
 from engine.data.mixture import plan_mixture
 from engine.spec import MixtureSpec
 from cpt_tui.ui.data import estimate_tokens, fmt_si, prepared_tokens
 from cpt_tui.ui.draft import Draft, parse_value
-from cpt_tui.ui.widgets import Note
+from cpt_tui.ui.widgets import KeysFooter, Note
 
 BUDGET_KINDS = [("tokens", "tokens"), ("epochs", "epochs")]
 
@@ -51,7 +51,7 @@ class MixtureScreen(Screen):
         with Horizontal(classes="toolbar"):
             yield Input(placeholder="save to (preset file)", id="mix-save-path")
             yield Button("Save", id="mix-save", variant="primary")
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         t = self.query_one("#mix-table", DataTable)

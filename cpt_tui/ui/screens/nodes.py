@@ -11,13 +11,13 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.widgets import DataTable, Footer, Header, Label, Static
+from textual.widgets import DataTable, Header, Label, Static
 
 from cpt_tui import paths
 from cpt_tui.store import Store
 from cpt_tui.ui.data import NodeTelemetry, fmt_si, node_telemetry
 from cpt_tui.ui.plot import sparkline
-from cpt_tui.ui.widgets import PollingScreen
+from cpt_tui.ui.widgets import KeysFooter, PollingScreen
 
 REACH_TIMEOUT_S = 1.5
 
@@ -75,7 +75,7 @@ class NodesScreen(PollingScreen):
         yield t
         yield Static("", id="telemetry-note")
         yield VerticalScroll(id="node-sparks")
-        yield Footer()
+        yield KeysFooter()
 
     def action_refresh(self) -> None:
         self.poll()

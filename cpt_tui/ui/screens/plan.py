@@ -12,12 +12,12 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Select, Static
+from textual.widgets import Button, DataTable, Header, Input, Label, Select, Static
 
 from engine.plan import PlanError, resolve
 from cpt_tui.ui.data import fmt_duration, fmt_si, measured_tps, prepared_tokens
 from cpt_tui.ui.draft import TEMPLATES, Draft, get_path, parse_value, set_path
-from cpt_tui.ui.widgets import Note
+from cpt_tui.ui.widgets import KeysFooter, Note
 
 # (YAML path inside a stage, label)
 FIELDS = [
@@ -73,7 +73,7 @@ class PlanScreen(Screen):
         with Horizontal(classes="toolbar"):
             yield Input(placeholder="save to (preset file)", id="plan-save-path")
             yield Button("Save", id="plan-save", variant="primary")
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         t = self.query_one("#stages", DataTable)

@@ -9,12 +9,12 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import DataTable, Footer, Header, Input, Static
+from textual.widgets import DataTable, Header, Input, Static
 
 from cpt_tui.store import Store
 from cpt_tui.ui import actions
 from cpt_tui.ui.data import RUN_COLUMNS, RunRow, run_rows
-from cpt_tui.ui.widgets import STATUS_STYLE, ConfirmDelete, PollingScreen
+from cpt_tui.ui.widgets import STATUS_STYLE, ConfirmDelete, KeysFooter, PollingScreen
 
 
 class RunsScreen(PollingScreen):
@@ -47,7 +47,7 @@ class RunsScreen(PollingScreen):
             table.add_column(c, key=str(i))
         yield table
         yield Static("", id="empty")
-        yield Footer()
+        yield KeysFooter()
 
     def on_mount(self) -> None:
         self.query_one("#runs", DataTable).focus()
