@@ -8,7 +8,8 @@ The same tiny Llama, batch and data for
   (b) a minimal hand-written PyTorch loop (forward, backward, AdamW) — the limit;
   (c) the HF Trainer, run_clm-style (pre-grouped blocks, default collator).
 All three: fp32, no gradient clipping, constant LR, the same torch thread count, timed over the
-same steps after `--warmup` steps. Each figure is reported two ways: over the whole timed span
+same steps after `--warmup` steps. Each contender runs in a fresh process of its own (b and c via
+`--child`), so none profits from another's warmed-up heap. Each figure is reported two ways: over the whole timed span
 (best of the rounds) and from the median step time over all rounds (robust to a noisy neighbour). Then the time to the first step of a stage resumed at step
 10 000 vs at step 10, from synthetic checkpoints (a real checkpoint with its step rewritten).
 """
@@ -183,7 +184,34 @@ def time_to_first_step(prep: dict, d: Path) -> dict[int, tuple[float, float]]:
     return out
 
 
+def run_child(kind: str, prep: dict, cfg: dict, steps: int, warm: int, d: Path, threads: int):
+    """(b) or (c) in a fresh process, like the engine: ((tokens/s, tokens/cpu-s), step times)."""
+    job = d / f"child-{kind}-{time.monotonic_ns()}.json"
+    job.write_text(json.dumps({"kind": kind, "prep": prep, "cfg": cfg, "steps": steps, "warm": warm,
+                               "dir": str(d), "threads": threads}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **THREADS}
+    subprocess.run([sys.executable, __file__, "--child", str(job)], env=env, cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = json.loads(job.with_suffix(".out").read_text())
+    return tuple(r["tput"]), r["steps"]
+
+
+def child(path: str) -> None:
+    import torch
+
+    job = json.loads(Path(path).read_text())
+    torch.set_num_threads(job["threads"])  # the same intra-op threads as the engine process had
+    xs = batches(job["cfg"], job["steps"])
+    if job["kind"] == "hand":
+        tput, st = run_handwritten(job["prep"], xs, job["warm"])
+    else:
+        tput, st = run_hf_trainer(job["prep"], xs, job["warm"], Path(job["dir"]))
+    Path(path).with_suffix(".out").write_text(json.dumps({"tput": tput, "steps": st}))
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        return child(sys.argv[2])
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=8)
@@ -191,8 +219,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads for all (default: torch's)")
     a = ap.parse_args()
     import statistics
-
-    import torch
 
     if a.threads:
         THREADS["OMP_NUM_THREADS"] = str(a.threads)
@@ -202,7 +228,6 @@ def main() -> None:
         d = Path(tmp)
         prep = prepare(d)
         cfg, _ = stage_cfg(prep, d / "order", a.steps)
-        xs = batches(cfg, a.steps)
         res = {k: [] for k in names}  # per round: (tokens/s, tokens/cpu-s)
         step_times = {k: [] for k in names}
         waits = []
@@ -214,10 +239,8 @@ def main() -> None:
             eng, _, _, st = run_engine(prep, d, a.steps, a.warmup, fused_loss=False)
             res["engine_std"].append(eng)
             step_times["engine_std"] += st
-            torch.set_num_threads(threads)  # the same intra-op threads as the engine process had
-            for k, fn in (("hand", lambda: run_handwritten(prep, xs, a.warmup)),
-                          ("hf", lambda: run_hf_trainer(prep, xs, a.warmup, d))):
-                tput, st = fn()
+            for k in ("hand", "hf"):
+                tput, st = run_child(k, prep, cfg, a.steps, a.warmup, d, threads)
                 res[k].append(tput)
                 step_times[k] += st
             print(f"round {r + 1}: " + "  ".join(f"{k} {v[-1][0]:,.0f} tok/s" for k, v in res.items()), flush=True)

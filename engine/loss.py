@@ -115,7 +115,10 @@ def _chunk(h, w, t, want_grad: bool):
         return loss, None
     g = logits.div_(sumexp)  # softmax
     g[torch.arange(len(tc), device=g.device), tc] -= 1
-    g.mul_(keep[:, None])
+    if g.device.type != "cpu":
+        g.mul_(keep[:, None])  # ignored positions: no gradient (no host sync on an accelerator)
+    elif not keep.all():
+        g[~keep] = 0  # on CPU: only the few ignored rows, not a pass over the whole chunk
     return loss, g
 
 
@@ -132,6 +135,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc = h[s:s + chunk]
             loss, g = _chunk(hc, w, t[s:s + chunk], want_grad=True)
             total += loss
+            if not torch.is_autocast_enabled(h.device.type) and g.dtype == w.dtype == h.dtype == torch.float32:
+                if need_h:  # fp32: straight into the outputs, no temporaries
+                    torch.mm(g, w, out=gh[s:s + chunk])
+                if need_w:
+                    gw.addmm_(g.t(), hc)
+                continue
             if not torch.is_autocast_enabled(h.device.type):  # under autocast the matmuls cast
                 g = g.to(w.dtype)
             if need_h:

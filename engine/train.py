@@ -628,8 +628,28 @@ def _load_weights(model, ckpt: Path) -> None:
                          f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
 
 
+def _keep_freed_memory() -> None:
+    """CPU training frees and re-allocates the same large tensors every step, and glibc hands them
+    back to the OS each time (munmap, heap trimming), then page-faults to get them again: ~3,500
+    faults per step for the tiny demo model, ~5% of its step time. Keep freed memory in the heap.
+    Only on CPU-only machines with glibc; elsewhere nothing changes."""
+    if torch.cuda.is_available():
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum on 64-bit
+        libc.mallopt(m_trim_threshold, 512 << 20)
+        libc.mallopt(m_top_pad, 64 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _keep_freed_memory()
     cfg = json.loads(Path(argv[0]).read_text())
     trainer = Trainer.__new__(Trainer)
     trainer.ev = None
