@@ -43,6 +43,12 @@ def test_mixture_weight_edit_updates_table_and_saved_preset(tmp_path):
     saved = load_preset(out)  # validates
     assert saved.stages[1].mixture.weights == {"code": 0.75, "prose": 0.75}
     assert yaml.safe_load(out.read_text())["stages"][1]["mixture"]["tokens"] == 196608
+    # the user's file survives the edit: every comment line kept, only the edited value differs
+    src, got = preset.read_text().splitlines(), out.read_text().splitlines()
+    assert [line for line in got if line.lstrip().startswith("#")] == [
+        line for line in src if line.lstrip().startswith("#")]
+    changed = [(a, b) for a, b in zip(src, got) if a != b]
+    assert len(src) == len(got) and len(changed) == 1 and "0.75" in changed[0][1], changed
 
 
 def test_stage_from_template_validates_and_fields_check_as_you_type(tmp_path):

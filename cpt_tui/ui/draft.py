@@ -1,13 +1,19 @@
 """A preset being edited (mixture builder, stage-plan editor, launch): its YAML data as a dict,
-validated with the preset schema on every change so the messages are the schema's own."""
+validated with the preset schema on every change so the messages are the schema's own.
+
+The file is read and saved with ruamel.yaml's round-trip mode, so a save keeps the user's comments,
+key order, flow mappings and quotes (only column alignment inside flow mappings is lost); PyYAML,
+faster, serves the validation on every keystroke."""
 
 from __future__ import annotations
 
 import copy
+import io
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from ruamel.yaml import YAML
 
 from engine.plan import PlanError, resolve
 from engine.spec import Preset, PresetError, parse_preset
@@ -79,6 +85,26 @@ def set_path(data: dict, path: str, value: Any) -> None:
         cur[parts[-1]] = value
 
 
+def _round_trip() -> YAML:
+    y = YAML(typ="rt")
+    y.preserve_quotes = True
+    y.width = 4096  # never fold a long line the user wrote on one
+    y.indent(mapping=2, sequence=4, offset=2)  # "  - name:" as in presets/
+    return y
+
+
+def plain(obj: Any) -> Any:
+    """ruamel's commented containers and scalar subclasses as plain Python values."""
+    if isinstance(obj, dict):
+        return {plain(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [plain(v) for v in obj]
+    for t in (bool, int, float, str):
+        if isinstance(obj, t):
+            return t(obj)
+    return obj
+
+
 class Draft:
     def __init__(self, data: dict, path: Optional[Path] = None):
         self.data = data
@@ -87,10 +113,17 @@ class Draft:
     @classmethod
     def load(cls, path: str | Path) -> "Draft":
         p = Path(path)
-        return cls(yaml.safe_load(p.read_text(encoding="utf-8")) or {}, p)
+        return cls(_round_trip().load(p.read_text(encoding="utf-8")) or {}, p)
 
     def text(self) -> str:
-        return yaml.safe_dump(self.data, sort_keys=False, allow_unicode=True)
+        """The preset as YAML (plain; what validation parses)."""
+        return yaml.safe_dump(plain(self.data), sort_keys=False, allow_unicode=True)
+
+    def file_text(self) -> str:
+        """The preset as saved: the loaded file's comments and layout kept."""
+        buf = io.StringIO()
+        _round_trip().dump(self.data, buf)
+        return buf.getvalue()
 
     def validate(self) -> tuple[Optional[Preset], list[tuple[str, str]]]:
         """(preset or None, [(yaml path, message)]): the schema's messages, then the plan's."""
@@ -110,7 +143,7 @@ class Draft:
             raise ValueError("no file to save to")
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(self.text(), encoding="utf-8")
+        tmp.write_text(self.file_text(), encoding="utf-8")
         tmp.replace(p)
         self.path = p
         return p

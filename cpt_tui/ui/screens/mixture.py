@@ -157,6 +157,8 @@ class MixtureScreen(Screen):
         mix = self.app.draft.mixture(self.target)
         v = parse_value(event.value)
         weights = mix.setdefault("weights", {})
+        if v == weights.get(name):  # e.g. the Input's first value "1" for 1.0: keep the file's spelling
+            return
         if v is None:
             weights.pop(name, None)
         else:
@@ -171,6 +173,10 @@ class MixtureScreen(Screen):
         mix = self.app.draft.mixture(self.target)
         kind = self.query_one("#budget-kind", Select).value
         v = parse_value(self.query_one("#budget", Input).value)
+        other = "epochs" if kind == "tokens" else "tokens"
+        if v is not None and mix.get(kind) == v and other not in mix:  # unchanged: leave the file as it is
+            self.recompute()
+            return
         mix.pop("tokens", None)
         mix.pop("epochs", None)
         if v is not None:
