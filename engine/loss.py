@@ -131,22 +131,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = torch.empty_like(h) if need_h else None
         gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         total = h.new_zeros((), dtype=torch.float32)
+        autocast = torch.is_autocast_enabled(h.device.type)  # then the matmuls cast by themselves
+        fp32 = not autocast and h.dtype == w.dtype == torch.float32  # g is fp32 too: no temporaries
         for s in range(0, h.shape[0], chunk):
             hc = h[s:s + chunk]
             loss, g = _chunk(hc, w, t[s:s + chunk], want_grad=True)
             total += loss
-            if not torch.is_autocast_enabled(h.device.type) and g.dtype == w.dtype == h.dtype == torch.float32:
-                if need_h:  # fp32: straight into the outputs, no temporaries
-                    torch.mm(g, w, out=gh[s:s + chunk])
-                if need_w:
-                    gw.addmm_(g.t(), hc)
-                continue
-            if not torch.is_autocast_enabled(h.device.type):  # under autocast the matmuls cast
-                g = g.to(w.dtype)
+            if not autocast:
+                g = g.to(w.dtype)  # no copy in fp32
             if need_h:
-                gh[s:s + chunk] = g @ w
+                if fp32:
+                    torch.mm(g, w, out=gh[s:s + chunk])
+                else:
+                    gh[s:s + chunk] = g @ w
             if need_w:
-                gw += (g.t() @ hc.to(g.dtype)).float()
+                if fp32:
+                    gw.addmm_(g.t(), hc)
+                else:
+                    gw += (g.t() @ hc.to(g.dtype)).float()
         count = (t != IGNORE).sum().clamp_min(1)
         ctx.save_for_backward(gh, gw, count)
         ctx.dtypes = (h.dtype, w.dtype)
