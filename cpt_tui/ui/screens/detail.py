@@ -108,9 +108,10 @@ class RunDetailScreen(PollingScreen):
             return
         self._texts[selector] = text
         width = w.size.width
-        lines = [text.plain.split("\n"), old.plain.split("\n") if old is not None else None]
-        same_height = (width > 0 and lines[1] is not None and len(lines[0]) == len(lines[1])
-                       and all(cell_len(l) < width for ls in lines for l in ls))
+        new_lines = text.plain.split("\n")
+        old_lines = old.plain.split("\n") if old is not None else []
+        same_height = (width > 0 and len(new_lines) == len(old_lines)
+                       and all(cell_len(line) < width for line in new_lines + old_lines))
         w.update(text, layout=not same_height)
 
     # ------------------------------------------------------------------ data
@@ -198,16 +199,15 @@ class RunDetailScreen(PollingScreen):
         for n in nodes:
             for metric, values in sorted(n.series.items()):
                 wid = f"spark{self._telemetry_gen}-{_safe(n.node)}-{_safe(metric)}"
+                label = f"{n.node} {metric}: {fmt_si(n.latest.get(metric))}"
                 found = box.query(f"#{wid}")
                 if found:
                     found.first().data = values[-120:]
-                    label = f"{n.node} {metric}: {fmt_si(n.latest.get(metric))}"
                     lbl = self.query_one(f"#lbl-{wid}", Label)
                     if lbl.content != label:
                         lbl.update(label)
                 else:
-                    box.mount(Horizontal(Label(f"{n.node} {metric}: {fmt_si(n.latest.get(metric))}",
-                                               id=f"lbl-{wid}", classes="spark-label"),
+                    box.mount(Horizontal(Label(label, id=f"lbl-{wid}", classes="spark-label"),
                                          sparkline(values[-120:], id=wid), classes="spark-row"))
 
     # ------------------------------------------------------------------ actions
