@@ -19,6 +19,7 @@ The UI process imports this module: it must not import torch.
 
 from __future__ import annotations
 
+from engine.errors import UserError
 import json
 import math
 import os
@@ -52,7 +53,7 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TILDE_USER = re.compile(r"^~([A-Za-z0-9._][A-Za-z0-9._-]*)?(/.*)?$", re.DOTALL)
 
 
-class LaunchError(Exception):
+class LaunchError(UserError):
     """A user-facing launch problem (message names the node and what to do)."""
 
 

@@ -5,10 +5,11 @@ Never imports torch. `Invalid` messages are complete and user-facing (file, YAML
 
 from __future__ import annotations
 
+from engine.errors import UserError
 from cpt_tui import paths
 
 
-class Invalid(Exception):
+class Invalid(UserError):
     """Invalid input: the message is complete and user-facing (the CLI exits 2)."""
 
 

@@ -29,6 +29,7 @@ is dead (or not a supervisor any more); another host → no heartbeat for STALE_
 
 from __future__ import annotations
 
+from engine.errors import CptError
 import argparse
 import json
 import os
@@ -76,7 +77,7 @@ def new_run_id(preset: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-{secrets.token_hex(2)}"
 
 
-class RunFailed(Exception):
+class RunFailed(CptError):
     pass
 
 

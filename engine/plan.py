@@ -5,6 +5,7 @@ Pure Python + numpy (no torch): the manager and the UI use it too.
 
 from __future__ import annotations
 
+from engine.errors import UserError
 import math
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from engine.spec import Preset, StageSpec
 STAGE_JSON_VERSION = 1
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """An inconsistency in a valid-looking preset; `yaml_path` says where."""
 
     def __init__(self, yaml_path: str, msg: str):

@@ -7,6 +7,7 @@ the YAML path (`stages[2].schedule.warmup_steps`) and the line, plus what to do.
 
 from __future__ import annotations
 
+from engine.errors import UserError
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -386,7 +387,7 @@ class _PathError(ValueError):
 # --------------------------------------------------------------------------- loading
 
 
-class PresetError(Exception):
+class PresetError(UserError):
     """Invalid preset: `str()` is a complete, user-facing message (file, YAML path, line, fix)."""
 
     def __init__(self, file: str | Path, problems: list[tuple[str, Optional[int], str]]):

@@ -10,6 +10,7 @@ read at all always raise DataError.
 
 from __future__ import annotations
 
+from engine.errors import UserError
 import glob
 import gzip
 import io
@@ -28,7 +29,7 @@ Position = tuple[int, int]  # (file index, record index within the file)
 _PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n\s*")  # a blank line (and any further ones) between paragraphs
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad data or a bad path: the message names the file (and line) and what to do."""
 
 
