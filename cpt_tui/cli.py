@@ -87,7 +87,7 @@ def _ask_stop_or_detach() -> str:
 def follow(db, run_id: str, since_rowid: int = 0) -> int:
     """Print a run's events as they arrive until it ends (or the user detaches). Exit code: 0 done or
     detached interactively, 1 failed, 130 stopped by this Ctrl-C or detached without a terminal."""
-    from cpt_tui import supervisor as S
+    from cpt_tui import lifecycle as S
     from cpt_tui.store import TERMINAL, Store
 
     store = Store(db, readonly=True)
@@ -151,7 +151,7 @@ def _run_options(a) -> dict:
 
 
 def cmd_run(a) -> int:
-    from cpt_tui import supervisor as S
+    from cpt_tui import lifecycle as S
 
     db = paths.db_path(a.db)
     S.adopt_orphans(db)
@@ -174,7 +174,7 @@ def _run_row(a, store=None):
 
 
 def cmd_attach(a) -> int:
-    from cpt_tui import supervisor as S
+    from cpt_tui import lifecycle as S
 
     S.adopt_orphans(paths.db_path(a.db))
     store, run = _run_row(a)
@@ -186,7 +186,7 @@ def cmd_attach(a) -> int:
 
 
 def cmd_stop(a) -> int:
-    from cpt_tui import supervisor as S
+    from cpt_tui import lifecycle as S
     from cpt_tui.store import TERMINAL, Store
 
     _, run = _run_row(a)
@@ -206,27 +206,26 @@ def cmd_stop(a) -> int:
 
 
 def cmd_resume(a) -> int:
-    from cpt_tui import supervisor as S
+    from cpt_tui import lifecycle
 
     _, run = _run_row(a)
-    if run["status"] == "done":
-        print(f"run {run['id']} is already done")
-        return 0
-    if S.supervisor_alive(run):
-        print(f"run {run['id']} is supervised (pid {run['pid']} on {run['host']}): nothing to do")
-        return 0
     try:
-        pid = S.spawn(run["id"], paths.db_path(a.db))
+        what, run, pid = lifecycle.resume(paths.db_path(a.db), run["id"])
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"run {run['id']} resumed (supervisor pid {pid}); follow it with  cpt-tui attach {run['id']}")
+    if what == "done":
+        print(f"run {run['id']} is already done")
+    elif what == "supervised":
+        print(f"run {run['id']} is supervised (pid {run['pid']} on {run['host']}): nothing to do")
+    else:
+        print(f"run {run['id']} resumed (supervisor pid {pid}); follow it with  cpt-tui attach {run['id']}")
     return 0
 
 
 def cmd_logs(a) -> int:
     """The run's process logs (supervisor, data preparation, each stage's trainer); -f follows them."""
-    from cpt_tui import supervisor as S
+    from cpt_tui import lifecycle as S
     from cpt_tui.store import TERMINAL
 
     store, run = _run_row(a)
@@ -273,7 +272,7 @@ def _open_store_ro(a):
 
 
 def cmd_runs(a) -> int:
-    from cpt_tui import supervisor as S
+    from cpt_tui import lifecycle as S
 
     S.adopt_orphans(paths.db_path(a.db))
     store = _open_store_ro(a)
@@ -307,7 +306,7 @@ def cmd_show(a) -> int:
         print(json.dumps({"run": run, "stages": stages, "eval": evals,
                           "metrics": len(store.metrics(run["id"]))}, indent=1))
         return 0
-    from cpt_tui import supervisor as S
+    from cpt_tui import lifecycle as S
     sup = ""
     if run["status"] == "running":
         sup = f"  supervisor pid {run['pid']}" + ("" if S.supervisor_alive(run) else " (gone: `cpt-tui resume`)")
@@ -393,7 +392,7 @@ def main(argv=None) -> int:
         commands = {"attach": cmd_attach, "stop": cmd_stop, "resume": cmd_resume, "logs": cmd_logs}
         if a.cmd in commands:
             return commands[a.cmd](a)
-        from cpt_tui import supervisor as S
+        from cpt_tui import lifecycle as S
         from cpt_tui.ui.app import run_app
         S.adopt_orphans(paths.db_path(a.db))  # runs whose supervisor died get a new one
         return run_app(paths.db_path(a.db))

@@ -38,7 +38,7 @@ def _needed_paths_missing(preset) -> list[tuple[str, str]]:
 def cmd_vocab(a, load_checked) -> int:
     """`load_checked` is cpt_tui.cli's, passed in: under `python -m cpt_tui.cli` that module is
     __main__, and importing it again here would make a second, uncaught `Invalid` class."""
-    from cpt_tui.supervisor import _engine_env
+    from cpt_tui.lifecycle import engine_env as _engine_env
     from engine.spec import preset_error_at
 
     path, preset, _ = load_checked(a.preset, check_paths=False)

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from cpt_tui import lifecycle as L
 from cpt_tui import supervisor as S
 from cpt_tui.presets import Invalid
 from tests.demo_run import run_cli, wait_for
@@ -77,11 +78,11 @@ def test_start_detached_validates_before_creating_anything(cpt_home, tmp_path, m
     bad.write_text("name: x\nmodel: {config: {}}\nsources: {a: {path: builtin:stdlib-prose}}\nstages: []\n")
     db = tmp_path / "db.sqlite"
     with pytest.raises(Invalid, match="bad.yaml"):
-        S.start_detached(bad, db)
+        L.start_detached(bad, db)
     with pytest.raises(Invalid, match="no such preset"):
-        S.start_detached("no-such-preset", db)
+        L.start_detached("no-such-preset", db)
     with pytest.raises(TypeError):
-        S.start_detached("tiny-demo", db, max_restart=1)
+        L.start_detached("tiny-demo", db, max_restart=1)
     assert not db.exists()
 
 

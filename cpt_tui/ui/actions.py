@@ -1,5 +1,5 @@
 """What the UI does to runs. It never owns training: stop and resume go through the supervisor
-(`request_stop`, `spawn`); delete removes a finished run's records (and its directory only when
+(cpt_tui.lifecycle); delete removes a finished run's records (and its directory only when
 asked). All of these block: call them from worker threads.
 """
 
@@ -13,7 +13,7 @@ RUN_TABLES = ("metrics", "eval", "events", "stages", "telemetry", "latest_metric
 
 
 def stop_run(db_path: Path, run_id: str) -> str:
-    from cpt_tui import supervisor as S
+    from cpt_tui import lifecycle as S
     from cpt_tui.store import Store
 
     store = Store(db_path)
@@ -24,25 +24,15 @@ def stop_run(db_path: Path, run_id: str) -> str:
 
 
 def resume_run(db_path: Path, run_id: str) -> str:
-    from cpt_tui import supervisor as S
-    from cpt_tui.store import Store
+    from cpt_tui import lifecycle
 
-    store = Store(db_path, readonly=True)
-    try:
-        run = store.run(run_id)
-    finally:
-        store.close()
-    if run["status"] == "done":
-        return "already done"
-    if S.supervisor_alive(run):
-        return "already supervised"
-    pid = S.spawn(run_id, db_path)
-    return f"resumed (supervisor pid {pid})"
+    what, _, pid = lifecycle.resume(db_path, run_id)
+    return {"done": "already done", "supervised": "already supervised"}.get(what, f"resumed (supervisor pid {pid})")
 
 
 def delete_run(db_path: Path, run_id: str, with_files: bool = False) -> str:
     """Remove a run's rows. Its directory (checkpoints, final model, logs) stays unless `with_files`."""
-    from cpt_tui import supervisor as S
+    from cpt_tui import lifecycle as S
     from cpt_tui.store import TERMINAL, Store
 
     store = Store(db_path, readonly=True)

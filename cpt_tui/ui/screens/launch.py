@@ -1,5 +1,5 @@
 """Launch: pick a preset and where it runs (this machine, or the preset's nodes), see the exact
-commands (dry run), and start it as a detached supervised run (`supervisor.start_detached`): the UI
+commands (dry run), and start it as a detached supervised run (`lifecycle.start_detached`): the UI
 can be closed and reopened, the run goes on and is found again in the runs table."""
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class LaunchScreen(Screen):
 
     @work(thread=True, exclusive=True, group="launch")
     def _launch(self, ref: str, target: str) -> None:
-        from cpt_tui.supervisor import start_detached
+        from cpt_tui.lifecycle import start_detached
         try:
             run_id = start_detached(launchable(ref, target), self.app.db_path)
         except Exception as e:

@@ -1,0 +1,169 @@
+"""The run lifecycle API that the CLI and the UI both call: create a run and start its detached
+supervisor, stop it, resume or re-adopt it, find orphans. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from cpt_tui import launch
+from cpt_tui.paths import cache_dir, runs_dir
+from cpt_tui.presets import Invalid, load_checked
+from cpt_tui.store import TERMINAL, Store
+from cpt_tui.supervisor import (DEFAULTS, RUN_STREAM, _ORIG_PYTHONPATH, _engine_env, _tail, procs_of,
+                                supervisor_alive)
+from engine.spec import Preset
+
+
+def new_run_id(preset: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-{secrets.token_hex(2)}"
+
+
+def engine_env() -> dict:
+    """The environment for engine subprocesses started on this machine."""
+    return _engine_env()
+
+
+def resume(db_path: str | Path, run_id: str) -> tuple[str, Optional[dict], Optional[int]]:
+    """Continue a stopped or failed run, or re-adopt one whose supervisor died (the CLI's `resume` and
+    the UI's resume action). Returns (what, run row, supervisor pid): what is 'done' (nothing to do),
+    'supervised' (a live supervisor owns it) or 'resumed'. Raises RuntimeError if no supervisor starts."""
+    store = Store(db_path, readonly=True)
+    try:
+        run = store.run(run_id)
+    finally:
+        store.close()
+    if run is None:
+        raise Invalid(f"{run_id}: no such run (see `cpt-tui runs`)")
+    if run["status"] == "done":
+        return "done", run, None
+    if supervisor_alive(run):
+        return "supervised", run, run["pid"]
+    return "resumed", run, spawn(run["id"], db_path)
+
+
+def create_run(store: Store, preset_path: Path, preset: Preset, plan: dict, options: dict) -> str:
+    run_id = new_run_id(preset.name)
+    run_dir = runs_dir() / run_id
+    run_dir.mkdir(parents=True)
+    shutil.copyfile(preset_path, run_dir / "preset.yaml")
+    store.create_run(run_id, preset.name, str(preset_path), str(run_dir), plan, socket.gethostname())
+    store.update_run(run_id, options=json.dumps(options))
+    return run_id
+
+
+def spawn(run_id: str, db_path: str | Path, timeout: float = 120) -> int:
+    """Start the run's supervisor detached (new session, stdio to RUN_DIR/supervisor.log, reparented
+    to init); returns its pid once it owns the run."""
+    db_path = Path(db_path).resolve()
+    store = Store(db_path, readonly=True)
+    try:
+        run_dir = Path(store.run(run_id)["run_dir"])
+        with open(run_dir / "supervisor.log", "ab") as log:
+            env = {**_engine_env(), _ORIG_PYTHONPATH: os.environ.get("PYTHONPATH", "")}
+            p = subprocess.Popen([sys.executable, "-m", "cpt_tui.supervisor", run_id, "--db", str(db_path), "--fork"],
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True)
+        rc = p.wait(timeout)
+        if rc == 3:
+            raise RuntimeError(f"run {run_id} already has a live supervisor")
+        if rc != 0:
+            raise RuntimeError(f"the supervisor of run {run_id} did not start:{_tail(run_dir / 'supervisor.log')}")
+        return store.run(run_id)["pid"]
+    finally:
+        store.close()
+
+
+def start_detached(preset_path: str | Path, db_path: str | Path, **options) -> str:
+    """Validate a preset (name or path), check every node, create the run and start its detached
+    supervisor. Returns the run id. Raises `cpt_tui.presets.Invalid` (nothing created) for an invalid
+    preset, a missing input path, or a node that fails preflight (the message names the node).
+    `options`: see DEFAULTS (max_restarts, backoff, telemetry_interval, ...)."""
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown options: {sorted(unknown)}")
+    path, preset, plan = load_checked(str(preset_path), check_paths=True)
+    try:
+        launch.preflight(preset.cluster)
+        launch.build_commands(preset.cluster, preset.stages[0], "stage.json", "<unused>", write_configs=False)
+    except launch.LaunchError as e:
+        raise Invalid(f"{path}: cluster: {e}") from None
+    store = Store(db_path)
+    try:
+        opts = {**DEFAULTS, **options, "cache": str(cache_dir().resolve()), "cwd": os.getcwd()}
+        run_id = create_run(store, Path(path).resolve(), preset, plan, opts)
+        try:
+            spawn(run_id, db_path)
+        except RuntimeError as e:
+            store.update_run(run_id, status="failed", error=str(e), finished=time.time())
+            raise
+    finally:
+        store.close()
+    return run_id
+
+
+def request_stop(store: Store, run_id: str) -> str:
+    """Ask the run to stop gracefully. With a live supervisor: SIGTERM to it (it SIGTERMs the trainer,
+    which checkpoints). Orphaned run: SIGTERM the recorded local trainers here and mark the run stopped
+    once they exit. Returns what was done ('signalled', 'stopped', 'not running')."""
+    row = store.run(run_id)
+    if row["status"] in TERMINAL:
+        return "not running"
+    if supervisor_alive(row):
+        if row["host"] != socket.gethostname():
+            raise Invalid(f"run {run_id} is supervised on host {row['host']}: run `cpt-tui stop` there")
+        os.kill(row["pid"], signal.SIGTERM)
+        return "signalled"
+    procs = [p for s in store.stages(run_id) for p in procs_of(s)]
+    for p in procs:
+        p.signal(signal.SIGTERM)
+    deadline = time.monotonic() + DEFAULTS["stop_timeout"]
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for s in store.stages(run_id):
+        if s["status"] == "running":
+            store.update_stage(run_id, s["idx"], status="stopped")
+    store.update_run(run_id, status="stopped", finished=time.time())
+    store.add_event(run_id, RUN_STREAM, "status", state="stopped", reason="stopped while unsupervised")
+    return "stopped"
+
+
+def orphans(store: Store) -> list[dict]:
+    """Runs that should be running but whose supervisor is gone."""
+    out = []
+    for r in store.db.query("SELECT * FROM runs WHERE status IN ('running', 'queued')"):
+        if r["status"] == "queued" and time.time() - (r["created"] or 0) < 60:
+            continue  # being started right now
+        if not supervisor_alive(r):
+            out.append(r)
+    return out
+
+
+def adopt_orphans(db_path: str | Path) -> list[str]:
+    """Start a new supervisor for every orphaned run in the database (any `cpt-tui` start calls this)."""
+    db_path = Path(db_path)
+    if not db_path.exists():
+        return []
+    store = Store(db_path, readonly=True)
+    try:
+        ids = [r["id"] for r in orphans(store)]
+    finally:
+        store.close()
+    adopted = []
+    for run_id in ids:
+        try:
+            spawn(run_id, db_path)
+            adopted.append(run_id)
+        except RuntimeError:
+            pass  # another cpt-tui adopted it first
+    return adopted
