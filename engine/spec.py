@@ -20,6 +20,9 @@ from typing_extensions import Annotated
 SPEC_VERSION = 1
 
 
+# `precision` → accelerate's --mixed_precision (one home: the launcher and the trainer both read it).
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
 class _Strict(BaseModel):
     # Unknown keys are errors: a typo in a preset must never be silently ignored.
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
