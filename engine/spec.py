@@ -115,12 +115,23 @@ class SourceSpec(_Strict):
     """One corpus. `path` is a file, directory, glob, HF dataset dir, or `builtin:stdlib-prose|code`."""
 
     path: str
-    format: Literal["auto", "jsonl", "parquet", "text", "hf"] = "auto"
+    format: Literal["auto", "jsonl", "parquet", "text", "hf", "mds", "datatrove", "megatron", "tokens"] = Field(
+        "auto", description="text formats (auto, jsonl, parquet, text, hf) are tokenized; already-tokenized data is "
+        "read as written: mds (MosaicML streaming / LLM-Foundry), datatrove (.ds + .ds.index + .ds.metadata), "
+        "megatron (.bin + .idx), tokens (parquet / jsonl with a list of ids per row)")
     text_field: str = "text"
+    ids_field: str = Field("input_ids", description="format: tokens: the column holding the token ids")
+    tokenizer_check: Literal["fail", "warn"] = Field(
+        "fail", description="already-tokenized formats: a vocabulary / EOS / tokenizer-name mismatch with the "
+        "preset's tokenizer fails preparation, or (warn) is reported and the data used anyway")
     sample_by: Literal["document", "paragraph", "line"] = Field(
         "document", description="text files: one document per file, per blank-line-separated paragraph, "
         "or per line (the options of datasets' text loader; blank lines are separators, not documents)")
     max_tokens: Optional[int] = Field(None, gt=0, description="cap on training tokens taken from this source")
+    sample: Literal["first", "shuffled"] = Field(
+        "first", description="with max_tokens: the first documents in file order, or a seeded random subset of "
+        "documents (LLM-Foundry's --shuffle)")
+    sample_seed: int = Field(0, ge=0, description="sample: shuffled: the seed of the document subset")
     val_tokens: int = Field(0, ge=0, description="tokens held out for validation, never trained on")
     val_fraction: float = Field(0.0, ge=0, lt=1, description="instead of val_tokens: this share of documents "
                                 "(every n-th) is held out, as run_clm's validation_split_percentage")
@@ -133,6 +144,9 @@ class SourceSpec(_Strict):
     def _one_val(self):
         if self.val_tokens and self.val_fraction:
             raise ValueError("give `val_tokens` or `val_fraction`, not both")
+        if self.sample == "shuffled" and self.max_tokens is None:
+            raise ValueError("sample: shuffled draws a random subset up to max_tokens: give `max_tokens` "
+                             "(without a cap every document is used anyway)")
         return self
 
 
@@ -239,6 +253,14 @@ class EvalSpec(_Strict):
     max_blocks: int = Field(16, gt=0, description="validation blocks per domain per evaluation")
 
 
+class LongDocsSpec(_Strict):
+    """Long-document upsampling (Gao et al., "How to train long-context LMs"): within each source of the
+    mixture, documents of at least `min_tokens` make up `share` of the source's tokens; source weights unchanged."""
+
+    min_tokens: int = Field(gt=0, description="a document this long (in tokens, EOS included) counts as long")
+    share: float = Field(gt=0, lt=1, description="share of each source's tokens that come from long documents")
+
+
 class StageSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     kind: Literal["cpt", "eeve", "anneal", "context_extension", "lora", "relora", "base"] = "cpt"
@@ -259,6 +281,8 @@ class StageSpec(_Strict):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     seq_len: int = Field(gt=0)
     rope_theta: Optional[float] = Field(None, gt=0, description="context extension: new RoPE base")
+    long_docs: Optional[LongDocsSpec] = Field(None, description="upsample long documents within each source "
+                                              "(implies keep_boundaries on the mixture's sources)")
     micro_batch_size: int = Field(1, gt=0)
     global_batch_size: int = Field(gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"

@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from engine.data.foreign import ForeignReader, is_foreign
 from engine.data.shards import ShardWriter, TokenStream
 from engine.data.sources import Counters, DataError, Position, SourceReader, source_files
 from engine.data.tokenize import EncodePool, default_workers
@@ -58,9 +59,11 @@ def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
 
 def spec_fingerprint(spec: SourceSpec) -> str:
     """Content key of a source without the tokenizer: the spec fields that change the tokens, its files."""
-    d = spec.model_dump(mode="json", exclude={"domain", "on_error"})  # labels and policy, not content
-    if d.get("sample_by") == "document":  # the default since before the field existed: same keys as then
-        del d["sample_by"]
+    d = spec.model_dump(mode="json", exclude={"domain", "on_error", "tokenizer_check"})  # labels and policy
+    # Defaults of fields added later are left out: the keys of sources that do not use them stay as they were.
+    for k, default in (("sample_by", "document"), ("ids_field", "input_ids"), ("sample", "first"), ("sample_seed", 0)):
+        if d.get(k) == default:
+            del d[k]
     h = hashlib.sha256(json.dumps(d, sort_keys=True).encode())
     h.update(f"{FORMAT_VERSION}|{shard_tokens()}".encode())
     for f in source_files(spec):
@@ -92,6 +95,7 @@ class Tokenizer:
         if not hf.is_fast:
             raise DataError(f"{tokenizer_dir}: not a fast tokenizer; preparation needs tokenizer.json")
         self.backend = hf.backend_tokenizer
+        self.name_or_path = str(tokenizer_dir)
         self.eos_id = hf.eos_token_id
         if self.eos_id is None:
             raise DataError(f"{tokenizer_dir}: the tokenizer has no eos_token; set one in tokenizer_config.json")
@@ -277,6 +281,9 @@ def prepare_source(
     man = _complete(out, fp)
     if man:
         return man
+    if spec.sample == "shuffled":  # the whole source once (cached), then a seeded subset of its documents
+        from engine.data.sample import prepare_shuffled
+        return prepare_shuffled(spec, name, tokenizer, out, fp, tok_fp, progress, pool)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process preparing the same source: wait for it
@@ -304,10 +311,18 @@ def _complete(out: Path, fp: str) -> Optional[dict]:
 def _prepare_locked(spec, name, tokenizer, out, fp, tok_fp, progress, pool) -> dict:
     state = _load_progress(out, fp, spec)
     S, dtype = shard_tokens(), tokenizer.dtype
-    reader = SourceReader(spec, name, Counters.restore(state["counters"]))
-    own_pool = pool is None or (pool.workers > 1 and default_workers(reader.total_bytes) == 1)
-    if own_pool:  # small sources are encoded in-process: a pool costs more than it saves
-        pool = EncodePool(tokenizer.encoder_args(), default_workers(reader.total_bytes))
+    warnings: list[str] = []
+    if is_foreign(spec):  # already tokenized: memory-mapped batches, no encoding (engine.data.foreign)
+        reader = ForeignReader(spec, name, tokenizer, Counters.restore(state["counters"]), warn=warnings.append)
+        reader.check_header(tokenizer.name_or_path)
+        own_pool = False
+        batches = reader.batches(state["position"])
+    else:
+        reader = SourceReader(spec, name, Counters.restore(state["counters"]))
+        own_pool = pool is None or (pool.workers > 1 and default_workers(reader.total_bytes) == 1)
+        if own_pool:  # small sources are encoded in-process: a pool costs more than it saves
+            pool = EncodePool(tokenizer.encoder_args(), default_workers(reader.total_bytes))
+        batches = pool.map(_batches(reader, state["position"]))
     train = ShardWriter(out, "train", S, dtype, state["train_tokens"])
     val = ShardWriter(out, "val", S, dtype, state["val_tokens"])
     bounds = _Boundaries(out / "train-docs.idx", state["boundaries"]) if spec.keep_boundaries else None
@@ -332,7 +347,7 @@ def _prepare_locked(spec, name, tokenizer, out, fp, tok_fp, progress, pool) -> d
     try:
         meta = None
         if not router.full:
-            for meta, (flat, lens, bad) in pool.map(_batches(reader, state["position"])):
+            for meta, (flat, lens, bad) in batches:
                 if bad:
                     if spec.on_error == "fail":
                         raise DataError(f"source {name!r}: a document before record {meta['position']} cannot be "
@@ -396,6 +411,9 @@ def _prepare_locked(spec, name, tokenizer, out, fp, tok_fp, progress, pool) -> d
         "first_skipped": counters.first_error,
         "input": {"files": len(reader.files), "bytes": reader.total_bytes},
     }
+    if is_foreign(spec):
+        man["foreign"] = {"format": spec.format, "boundaries_known": bool(reader.boundaries_known),
+                          "eos_appended": reader.appended_eos, "warnings": warnings}
     write_json_atomic(out / "manifest.json", man)
     (out / "progress.json").unlink(missing_ok=True)
     fsync_dir(out)
@@ -409,6 +427,9 @@ def open_tokens(source_dir: str | Path, split: str = "train") -> TokenStream | n
     """The tokens of a prepared split as one sliceable sequence (memory-mapped shards)."""
     man = json.loads((Path(source_dir) / "manifest.json").read_text())
     sp = man[split]
+    if "view" in sp:  # long-document upsampling: segments of another prepared stream (engine.data.longdocs)
+        from engine.data.longdocs import SegmentStream
+        return SegmentStream(Path(source_dir), sp)
     if "shards" not in sp:  # format 1: one file per split
         if sp["tokens"] == 0:
             return np.zeros(0, dtype=man["dtype"])

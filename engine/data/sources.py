@@ -50,6 +50,9 @@ def source_files(spec: SourceSpec) -> list[str]:
     """The files of a source, sorted; raises DataError naming the path when there are none."""
     if spec.path in BUILTINS:
         return [spec.path]
+    if spec.format in ("mds", "datatrove", "megatron", "tokens"):  # already tokenized: engine.data.foreign
+        from engine.data.foreign import foreign_files
+        return foreign_files(spec)
     path = expand_path(spec.path)
     if any(c in path for c in "*?["):
         files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
