@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from engine.data.longdocs import stage_sources
 from engine.data.mixture import plan_mixture
 from engine.data.sources import DataError, expand_path
 from engine.data.builtin import BUILTINS
@@ -228,6 +229,6 @@ def stage_config(preset: Preset, index: int, run_dir: str | Path, prepared: dict
         "out_dir": str(stage_dir(run_dir, st)),
         # All prepared sources: the stage trains on its mixture's, and validates on every domain
         # (the forgetting monitor needs the old domains too).
-        "sources": prepared["sources"],
+        "sources": stage_sources(prepared, st.name),  # long_docs: the stage's views (engine.data.longdocs)
         "world_size": world_size(preset),
     }

@@ -451,8 +451,7 @@ class ForeignReader:
             elif self.boundaries_known != known:
                 self.boundaries_known = False
             first_doc = after[1] + 1 if after is not None and fi == after[0] else 0
-            if known:
-                self._check_eos(u, tokens, raw_ends)
+            eos_checked = not known
             starts = np.concatenate([[0], ends[:-1]]) if len(ends) else ends
             d = first_doc
             while d < len(ends):
@@ -461,7 +460,10 @@ class ForeignReader:
                 e = max(e, d + 1)
                 a, b = int(starts[d]), int(ends[e - 1])
                 flat = np.asarray(tokens[a:b])
-                self._check_range(u, flat)
+                self._check_range(u, flat)  # ids first: a smaller vocabulary is the clearer message
+                if not eos_checked:
+                    self._check_eos(u, tokens, raw_ends)
+                    eos_checked = True
                 lens = (ends[d:e] - starts[d:e]).astype(np.int64)
                 if known:
                     flat, lens = self._eos(flat, lens, eos)

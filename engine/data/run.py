@@ -29,6 +29,14 @@ def used_sources(preset: Preset) -> list[str]:
     return names
 
 
+def effective_spec(preset: Preset, name: str):
+    """A source's spec as prepared: keep_boundaries is implied when a long_docs stage uses it."""
+    spec = preset.sources[name]
+    if not spec.keep_boundaries and any(st.long_docs and name in preset.mixture_of(st).weights for st in preset.stages):
+        spec = spec.model_copy(update={"keep_boundaries": True})
+    return spec
+
+
 def check_vocab_size(tokenizer_len: int, model_dir: str | Path, tokenizer_dir: str | Path) -> None:
     """The tokenizer's ids must index the model's embedding, and belong to it: DataError otherwise."""
     cfg = Path(model_dir) / "config.json"
@@ -57,7 +65,7 @@ def prepare_data(preset: Preset, tok_dir: str | Path, model_dir: str | Path, cac
     sources = {}
     try:
         for name in used_sources(preset):
-            spec = preset.sources[name]
+            spec = effective_spec(preset, name)
             out = prepared_dir(cache, name, spec, tok_fp)
             if pool is None and default_workers(SourceReader(spec, name).total_bytes) > 1:
                 pool = EncodePool(tok.encoder_args(), default_workers(1 << 40))  # shared by the large sources
@@ -73,14 +81,51 @@ def prepare_data(preset: Preset, tok_dir: str | Path, model_dir: str | Path, cac
                  documents=man["documents"], skipped=man["skipped"], seconds=time.time() - t0,
                  message=f"{name}: {man['train']['tokens']:,} train + {man['val']['tokens']:,} val tokens, "
                          f"{man['documents']:,} documents" + (f", {skipped:,} skipped" if skipped else ""))
+            for w in (man.get("foreign") or {}).get("warnings", []):
+                emit("warning", kind="data", source=name, message=w)
             for reason, n in man["skipped"].items():
                 emit("warning", kind="data", source=name,
                      message=f"{name}: skipped {n:,} record(s): {reason} (first at {man['first_skipped'].get(reason)})")
     finally:
         if pool is not None:
             pool.close()
+    stage_sources, long_docs = long_docs_views(preset, sources, emit)
     return {"sources": sources, "vocab_size": tok.vocab_size, "tokenizer_fingerprint": tok_fp,
-            "data_format_version": FORMAT_VERSION}
+            "data_format_version": FORMAT_VERSION, "stage_sources": stage_sources, "long_docs": long_docs}
+
+
+def long_docs_views(preset: Preset, sources: dict, emit: Callable[..., None]) -> tuple[dict, dict]:
+    """Per long_docs stage, a view of every source of its mixture (engine.data.longdocs), and the report:
+    per source the long-document share available and realised, and how often long documents repeat."""
+    from engine.data.longdocs import build_view
+    from engine.data.mixture import plan_mixture
+    views: dict = {}
+    report: dict = {}
+    for st in preset.stages:
+        if not st.long_docs:
+            continue
+        mix = preset.mixture_of(st)
+        views[st.name], report[st.name] = {}, {}
+        for name in mix.weights:
+            vdir, vman = build_view(Path(sources[name]["dir"]), st.long_docs.min_tokens, st.long_docs.share, preset.seed)
+            views[st.name][name] = {"dir": str(vdir), "train_tokens": vman["train"]["tokens"]}
+            report[st.name][name] = dict(vman["long_docs"])
+        mp = plan_mixture(mix, {n: v["train_tokens"] for n, v in views[st.name].items()}, st.seq_len)
+        for sp in mp.sources:
+            r = report[st.name][sp.name]
+            r["repeats"] = max(r["long_repeats"], 0) * sp.epochs
+            warns = list(r.pop("warnings"))
+            if r["repeats"] > mix.max_repeats:
+                warns.append(f"long documents repeat {r['repeats']:.1f} times (more than max_repeats="
+                             f"{mix.max_repeats:g}) to reach share {st.long_docs.share:g}: the source has "
+                             f"{r['available_share']:.1%} long-document tokens; lower share or add long documents")
+            r["warnings"] = warns
+            emit("progress", step="data", source=sp.name, stage=st.name, long_docs=r,
+                 message=f"{st.name}/{sp.name}: long documents (>= {st.long_docs.min_tokens:,} tokens) "
+                         f"{r['available_share']:.1%} available -> {r['realised_share']:.1%} realised")
+            for w in warns:
+                emit("warning", kind="data", source=sp.name, message=f"{st.name}/{sp.name}: {w}")
+    return views, report
 
 
 def cached_train_tokens(preset: Preset, cache: Path) -> dict[str, int]:
@@ -100,7 +145,7 @@ def cached_train_tokens(preset: Preset, cache: Path) -> dict[str, int]:
     out: dict[str, int] = {}
     for name in used_sources(preset):
         try:
-            sfp = spec_fingerprint(preset.sources[name])
+            sfp = spec_fingerprint(effective_spec(preset, name))
         except DataError:  # unset ${VAR} or missing files: not prepared here
             continue
         best = None
