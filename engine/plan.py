@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from engine.data.foreign import data_notes
 from engine.data.longdocs import stage_sources
 from engine.data.mixture import plan_mixture
 from engine.data.sources import DataError, expand_path
@@ -109,6 +110,8 @@ def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None, stric
                 } for s in mp.sources],
                 "warnings": mp.warnings,
             },
+            "long_docs": st.long_docs.model_dump() if st.long_docs else None,
+            "data_notes": data_notes(preset, mix, st),  # engine.data.foreign: boundaries, sampling, formats
         })
     return {"preset": preset.name, "description": preset.description, "world_size": world,
             "cluster": preset.cluster.kind, "stages": stages}
@@ -135,6 +138,8 @@ def format_plan(plan: dict) -> str:
             ep = f"{s['epochs']:.2f}" if s["epochs"] is not None else "-"
             avail = f"{s['available_tokens']:,}" if s.get("available_tokens") is not None else "-"
             lines.append(f"    {s['source']:<24} {s['weight']:>8g} {s['share']:>7.2%} {s['tokens']:>16,} {avail:>16} {ep:>7}")
+        for n in st.get("data_notes", []):
+            lines.append(f"    note: {n}")
         for w in st["mixture"]["warnings"]:
             lines.append(f"    warning: {w}")
     return "\n".join(lines)

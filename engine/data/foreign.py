@@ -486,3 +486,31 @@ class ForeignReader:
         self.appended_eos += int(missing.sum())
         out = np.insert(flat.astype(np.int64, copy=False), ends[missing], eos)
         return out, lens + missing
+
+
+def data_notes(preset, mix, stage) -> list[str]:
+    """Lines for `cpt-tui plan`: what a stage's foreign / sampled sources and long_docs mean (no data read)."""
+    out = []
+    for name in mix.weights:
+        spec = preset.sources[name]
+        if spec.format == "mds":
+            out.append(f"{name}: MDS samples are read as written (no re-tokenization, no EOS added); document "
+                       "boundaries are unknown (packed samples): val_tokens / max_tokens cut whole samples")
+        elif spec.format == "tokens":
+            out.append(f"{name}: token ids read as written; rows of one fixed length are taken as pre-grouped "
+                       "(document boundaries unknown), other rows as documents (EOS appended where missing)")
+        elif spec.format in ("datatrove", "megatron"):
+            out.append(f"{name}: {spec.format} tokens read as written (no re-tokenization); documents from its index")
+        if spec.sample == "shuffled":
+            out.append(f"{name}: max_tokens={spec.max_tokens:,} drawn as a random subset of documents "
+                       f"(sample: shuffled, seed {spec.sample_seed})")
+    if stage.long_docs:
+        ld = stage.long_docs
+        out.append(f"long_docs: within each source, documents >= {ld.min_tokens:,} tokens make up {ld.share:.0%} of "
+                   "its tokens (weights unchanged); shares available / realised per source are reported by "
+                   "preparation (prepared.json long_docs)")
+        for name in mix.weights:
+            if preset.sources[name].format == "mds":
+                out.append(f"{name}: long_docs needs document boundaries, which MDS samples do not keep: "
+                           "preparation will fail for this stage")
+    return out
