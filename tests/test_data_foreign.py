@@ -300,3 +300,17 @@ def test_sample_shuffled_text_source(data_tok, data_tok_dir, tmp_path):
     assert np.asarray(open_tokens(tmp_path / "c" / "t-x", "val")[:]).tolist() == \
         np.asarray(open_tokens(tmp_path / "c" / "t-y", "val")[:]).tolist()
     assert first["train"]["tokens"] == 3000
+
+
+def test_token_jsonl_and_multi_row_group_parquet(fx_tok, tmp_path):
+    # format: tokens also reads jsonl rows of ids; and a parquet file is read one row group at a time.
+    with open(tmp_path / "t.jsonl", "w") as f:
+        for d in DOCS:
+            f.write(json.dumps({"ids": d}) + "\n")
+    _prep(SourceSpec(path=str(tmp_path / "t.jsonl"), format="tokens", ids_field="ids"), fx_tok, tmp_path / "j")
+    assert np.asarray(open_tokens(tmp_path / "j")[:]).tolist() == [t for d in DOCS for t in d + [EOS]]
+    from engine.data.foreign import units
+    us = units(SourceSpec(path=str(FX / "parquet/grouped_64.parquet"), format="tokens"))
+    assert len(us) == 5 and all(not u.load()[2] for u in us)  # 5 row groups, all pre-grouped
+    with pytest.raises(DataError, match="no column 'ids'"):
+        units(SourceSpec(path=str(FX / "parquet/docs.parquet"), format="tokens", ids_field="ids"))

@@ -98,12 +98,12 @@ def units(spec: SourceSpec) -> list[Unit]:
         found = [p for p in _paths(spec, "*") if p.endswith((".parquet", ".jsonl", ".json", ".jsonl.gz", ".jsonl.zst"))]
         if not found:
             raise DataError(f"{expand_path(spec.path)}: no .parquet or .jsonl files found for format: tokens")
-        return [_tokens_unit(p, spec.ids_field) for p in found]
+        return [u for p in found for u in _tokens_units(p, spec.ids_field)]
     raise ValueError(fmt)
 
 
 def foreign_files(spec: SourceSpec) -> list[str]:
-    return [f for u in units(spec) for f in u.files]
+    return list(dict.fromkeys(f for u in units(spec) for f in u.files))
 
 
 # --------------------------------------------------------------------------- datatrove
@@ -313,52 +313,63 @@ def _gather(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray
 # --------------------------------------------------------------------------- token parquet / jsonl
 
 
-def _tokens_unit(path: str, ids_field: str) -> Unit:
-    def load():
-        if path.endswith(".parquet"):
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-            try:
-                pf = pq.ParquetFile(path)
-            except Exception as e:
-                raise DataError(f"{path}: not a readable parquet file ({e}): truncated or corrupt; re-copy it") from None
-            if ids_field not in pf.schema_arrow.names:
-                raise DataError(f"{path}: no column {ids_field!r} (columns: {pf.schema_arrow.names}); set ids_field:")
-            flats, lens = [], []
-            try:
-                for g in range(pf.num_row_groups):
-                    col = pf.read_row_group(g, columns=[ids_field]).column(ids_field).combine_chunks()
-                    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) or \
-                            not pa.types.is_integer(col.type.value_type):
-                        raise DataError(f"{path}: column {ids_field!r} is {col.type}, not a list of token ids; "
-                                        "format: tokens reads list<int> columns (use format: parquet for text)")
-                    offs = col.offsets.to_numpy()
-                    flats.append(col.values.to_numpy()[offs[0]:offs[-1]])
-                    lens.append(np.diff(offs).astype(np.int64))
-            except DataError:
-                raise
-            except Exception as e:
-                raise DataError(f"{path}: cannot read row data ({e}): truncated or corrupt; re-copy it") from None
-        else:
-            from engine.data.sources import _open_binary
-            flats, lens = [], []
-            with open(path, "rb") as raw, _open_binary(path, raw) as f:
-                for li, line in enumerate(f):
-                    if not line.strip():
-                        continue
-                    try:
-                        ids = json.loads(line)[ids_field]
-                        arr = np.asarray(ids, dtype=np.int64)
-                    except (ValueError, KeyError, TypeError) as e:
-                        raise DataError(f"{path}:{li + 1}: not a JSON object with a list of ids in {ids_field!r} "
-                                        f"({type(e).__name__}: {e}); fix the line or set ids_field:") from None
-                    if arr.ndim != 1:
-                        raise DataError(f"{path}:{li + 1}: {ids_field!r} is not a flat list of ids")
-                    flats.append(arr)
-                    lens.append(np.array([len(arr)], np.int64))
+def _tokens_units(path: str, ids_field: str) -> list[Unit]:
+    if not path.endswith(".parquet"):
+        return [_jsonl_tokens_unit(path, ids_field)]
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable parquet file ({e}): truncated or corrupt; re-copy it") from None
+    if ids_field not in pf.schema_arrow.names:
+        raise DataError(f"{path}: no column {ids_field!r} (columns: {pf.schema_arrow.names}); set ids_field:")
+    decided: dict = {}  # the file's first row group decides: rows of one length are pre-grouped
+
+    def read_group(g: int) -> tuple[np.ndarray, np.ndarray]:
+        import pyarrow as pa
+        try:
+            col = pq.ParquetFile(path).read_row_group(g, columns=[ids_field]).column(ids_field).combine_chunks()
+        except Exception as e:
+            raise DataError(f"{path}: cannot read row group {g} ({e}): truncated or corrupt; re-copy it") from None
+        if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) or \
+                not pa.types.is_integer(col.type.value_type):
+            raise DataError(f"{path}: column {ids_field!r} is {col.type}, not a list of token ids; "
+                            "format: tokens reads list<int> columns (use format: parquet for text)")
+        offs = col.offsets.to_numpy()
+        return col.values.to_numpy()[offs[0]:offs[-1]], np.diff(offs).astype(np.int64)
+
+    def unit(g: int) -> Unit:
+        def load():  # one row group in memory at a time
+            flat, lens = read_group(g)
+            if "grouped" not in decided:
+                first = lens if g == 0 else read_group(0)[1]
+                decided["grouped"] = len(first) > 1 and bool((first == first[0]).all())
+            return flat, np.cumsum(lens), not decided["grouped"]
+        return Unit(path if pf.num_row_groups == 1 else f"{path} (row group {g})", [path] if g == 0 else [], load)
+
+    return [unit(g) for g in range(pf.num_row_groups)]
+
+
+def _jsonl_tokens_unit(path: str, ids_field: str) -> Unit:
+    def load():  # the file in memory (token jsonl is for small data; use parquet at scale)
+        from engine.data.sources import _open_binary
+        flats, lens = [], []
+        with open(path, "rb") as raw, _open_binary(path, raw) as f:
+            for li, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    arr = np.asarray(json.loads(line)[ids_field], dtype=np.int64)
+                except (ValueError, KeyError, TypeError) as e:
+                    raise DataError(f"{path}:{li + 1}: not a JSON object with a list of ids in {ids_field!r} "
+                                    f"({type(e).__name__}: {e}); fix the line or set ids_field:") from None
+                if arr.ndim != 1:
+                    raise DataError(f"{path}:{li + 1}: {ids_field!r} is not a flat list of ids")
+                flats.append(arr)
+                lens.append(len(arr))
         flat = np.concatenate(flats) if flats else np.zeros(0, np.int64)
-        lens = np.concatenate(lens) if lens else np.zeros(0, np.int64)
-        grouped = len(lens) > 1 and (lens == lens[0]).all()
+        lens = np.array(lens, np.int64)
+        grouped = len(lens) > 1 and bool((lens == lens[0]).all())
         return flat, np.cumsum(lens), not grouped
 
     return Unit(path, [path], load)

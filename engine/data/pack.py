@@ -191,6 +191,12 @@ class _Router:
         if not is_val.any():
             val = flat[:0]
             train = flat if is_train.all() else flat[np.repeat(is_train, lens)]
+        elif not self.every and not (valid & ~is_val)[:int(np.flatnonzero(is_val)[-1])].any():
+            # val_tokens: the validation documents are a prefix of the batch (the last maybe cut), so both
+            # splits are plain slices (no per-token mask over a large batch of already-tokenized data).
+            k = int(np.flatnonzero(is_val)[-1])
+            val = flat[:int(starts[k]) + int(val_take[k])]
+            train = flat[int(ends[k]):]
         else:
             doc_of = np.repeat(np.arange(n), lens)
             pos = np.arange(len(flat)) - starts[doc_of]
