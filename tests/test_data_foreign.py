@@ -314,3 +314,36 @@ def test_token_jsonl_and_multi_row_group_parquet(fx_tok, tmp_path):
     assert len(us) == 5 and all(not u.load()[2] for u in us)  # 5 row groups, all pre-grouped
     with pytest.raises(DataError, match="no column 'ids'"):
         units(SourceSpec(path=str(FX / "parquet/docs.parquet"), format="tokens", ids_field="ids"))
+
+
+_KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from engine.data.pack import Tokenizer, prepare_source
+from engine.spec import SourceSpec
+prepare_source(SourceSpec(path={src!r}, format="tokens", val_tokens=300, keep_boundaries=True), "src",
+               Tokenizer({tok!r}), Path({out!r}), "fxtok")
+"""
+
+
+def test_kill_9_then_rerun_gives_identical_bytes(fx_tok, fx_tok_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+    src = str(FX / "parquet/docs.parquet")  # 3 row groups, EOS appended by the reader: state that must survive
+    env = {**os.environ, "CPT_PREP_COMMIT_S": "0", "CPT_FOREIGN_BATCH_TOKENS": "400", "CPT_SHARD_TOKENS": "1024"}
+    code = _KILL_SCRIPT.format(root=str(ROOT), src=src, tok=str(fx_tok_dir), out=str(tmp_path / "killed"))
+    r = subprocess.run([sys.executable, "-c", code], env={**env, "CPT_FAULT_PREP_KILL_AFTER": "2500"})
+    assert r.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "manifest.json").exists()
+    r = subprocess.run([sys.executable, "-c", code], env=env)
+    assert r.returncode == 0
+    monkeypatch.setenv("CPT_SHARD_TOKENS", "1024")
+    monkeypatch.setenv("CPT_FOREIGN_BATCH_TOKENS", "400")
+    prepare_source(SourceSpec(path=src, format="tokens", val_tokens=300, keep_boundaries=True), "src", fx_tok,
+                   tmp_path / "whole", "fxtok")
+    a, b = tmp_path / "killed", tmp_path / "whole"
+    names = sorted(p.name for p in b.iterdir() if p.name != ".lock")
+    assert sorted(p.name for p in a.iterdir() if p.name != ".lock") == names and len(names) > 4
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n

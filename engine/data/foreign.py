@@ -381,7 +381,8 @@ def _jsonl_tokens_unit(path: str, ids_field: str) -> Unit:
 class ForeignReader:
     """The documents of a foreign source as `(meta, (flat, lens, []))` batches, like the text pipeline."""
 
-    def __init__(self, spec: SourceSpec, name: str, tokenizer, counters, warn: Callable[[str], None] | None = None):
+    def __init__(self, spec: SourceSpec, name: str, tokenizer, counters, warn: Callable[[str], None] | None = None,
+                 resumed: Optional[dict] = None):
         self.spec, self.name, self.counters = spec, name, counters
         self.units = units(spec)
         self.files = [u.path for u in self.units]
@@ -392,6 +393,11 @@ class ForeignReader:
         self.appended_eos = 0
         self.checked_files: set[str] = set()
         self._bytes = 0
+        if resumed:  # what the committed part of an interrupted preparation found
+            self.boundaries_known, self.appended_eos = resumed["boundaries_known"], resumed["eos_appended"]
+
+    def resume_state(self) -> dict:
+        return {"boundaries_known": self.boundaries_known, "eos_appended": self.appended_eos}
 
     # ------------------------------------------------------------- tokenizer check
     def _mismatch(self, msg: str) -> None:
@@ -444,6 +450,7 @@ class ForeignReader:
 
     def batches(self, after=None) -> Iterator[tuple[dict, tuple[np.ndarray, np.ndarray, list]]]:
         eos = self.tokenizer.eos_id
+        batch_tokens = int(os.environ.get("CPT_FOREIGN_BATCH_TOKENS", BATCH_TOKENS))
         done_bytes = 0
         for fi, u in enumerate(self.units):
             ubytes = sum(os.path.getsize(f) for f in u.files)
@@ -467,7 +474,7 @@ class ForeignReader:
             d = first_doc
             while d < len(ends):
                 # Documents d..e-1: up to BATCH_TOKENS tokens (at least one document).
-                e = int(np.searchsorted(ends, starts[d] + BATCH_TOKENS, side="right"))
+                e = int(np.searchsorted(ends, starts[d] + batch_tokens, side="right"))
                 e = max(e, d + 1)
                 a, b = int(starts[d]), int(ends[e - 1])
                 flat = np.asarray(tokens[a:b])

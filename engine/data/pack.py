@@ -319,7 +319,8 @@ def _prepare_locked(spec, name, tokenizer, out, fp, tok_fp, progress, pool) -> d
     S, dtype = shard_tokens(), tokenizer.dtype
     warnings: list[str] = []
     if is_foreign(spec):  # already tokenized: memory-mapped batches, no encoding (engine.data.foreign)
-        reader = ForeignReader(spec, name, tokenizer, Counters.restore(state["counters"]), warn=warnings.append)
+        reader = ForeignReader(spec, name, tokenizer, Counters.restore(state["counters"]), warn=warnings.append,
+                               resumed=state.get("foreign"))
         reader.check_header(tokenizer.name_or_path)
         own_pool = False
         batches = reader.batches(state["position"])
@@ -345,6 +346,8 @@ def _prepare_locked(spec, name, tokenizer, out, fp, tok_fp, progress, pool) -> d
                 w.sync()
         st = {**router.state(), "position": meta["position"], "counters": meta["counters"], "bytes": meta["bytes"],
               "train_tokens": train.tokens, "val_tokens": val.tokens, "boundaries": bounds.n if bounds else 0}
+        if is_foreign(spec):
+            st["foreign"] = reader.resume_state()
         write_json_atomic(out / "progress.json", {"format_version": FORMAT_VERSION, "fingerprint": fp, "state": st})
         state.update(st)
         if kill_after is not None and train.tokens >= kill_after:  # fault injection for the resume test only
