@@ -54,9 +54,11 @@ def warmup_steps(stage: StageSpec, total_steps: int) -> int:
     return 0
 
 
-def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None, strict: bool = True) -> dict:
+def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None, strict: bool = True,
+            long_docs: Optional[dict] = None) -> dict:
     """The plan as a JSON-able dict: per stage its steps, batch and tokens per source.
-    `strict=False`: a stage with 0 steps is reported as a warning instead of raising (plan display)."""
+    `strict=False`: a stage with 0 steps is reported as a warning instead of raising (plan display).
+    `long_docs`: engine.data.run.cached_long_docs / prepared.json's long_docs (shares per stage and source)."""
     train_tokens = train_tokens or {}
     world = world_size(preset)
     stages = []
@@ -111,7 +113,7 @@ def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None, stric
                 "warnings": mp.warnings,
             },
             "long_docs": st.long_docs.model_dump() if st.long_docs else None,
-            "data_notes": data_notes(preset, mix, st),  # engine.data.foreign: boundaries, sampling, formats
+            "data_notes": data_notes(preset, mix, st, (long_docs or {}).get(st.name)),  # engine.data.foreign
         })
     return {"preset": preset.name, "description": preset.description, "world_size": world,
             "cluster": preset.cluster.kind, "stages": stages}

@@ -157,3 +157,15 @@ def test_long_docs_needs_boundaries(fx_tok, tmp_path):
                    tmp_path / "m", "fp")
     with pytest.raises(DataError, match="long_docs needs document boundaries"):
         build_view(tmp_path / "m", 100, 0.3, 0)
+
+
+def test_plan_reports_shares_from_the_cache(fx_tok_dir, tmp_path):
+    from engine.data.run import cached_long_docs
+    from engine.plan import format_plan, resolve
+    preset, prepared, _, _ = _prepare(tmp_path, fx_tok_dir, 0.3)
+    ld = cached_long_docs(preset, tmp_path / "cache")
+    for n in "ab":
+        assert ld["long"][n]["available_share"] == pytest.approx(prepared["long_docs"]["long"][n]["available_share"])
+        assert ld["long"][n]["realised_share"] == pytest.approx(prepared["long_docs"]["long"][n]["realised_share"])
+    text = format_plan(resolve(preset, {n: s["train_tokens"] for n, s in prepared["sources"].items()}, long_docs=ld))
+    assert "a: long-document share" in text and "realised" in text, text

@@ -506,7 +506,7 @@ class ForeignReader:
         return out, lens + missing
 
 
-def data_notes(preset, mix, stage) -> list[str]:
+def data_notes(preset, mix, stage, long_docs: Optional[dict] = None) -> list[str]:
     """Lines for `cpt-tui plan`: what a stage's foreign / sampled sources and long_docs mean (no data read)."""
     out = []
     for name in mix.weights:
@@ -525,8 +525,16 @@ def data_notes(preset, mix, stage) -> list[str]:
     if stage.long_docs:
         ld = stage.long_docs
         out.append(f"long_docs: within each source, documents >= {ld.min_tokens:,} tokens make up {ld.share:.0%} of "
-                   "its tokens (weights unchanged); shares available / realised per source are reported by "
-                   "preparation (prepared.json long_docs)")
+                   "its tokens (weights unchanged)" + ("" if long_docs else "; shares available / realised per "
+                                                       "source: reported by preparation (prepared.json long_docs)"))
+        for name, r in (long_docs or {}).items():
+            out.append(f"{name}: long-document share {r['available_share']:.1%} available -> "
+                       f"{r['realised_share']:.1%} realised (long documents x{r['long_repeats']:.2f}, "
+                       f"short x{r['short_rate']:.2f} per pass)")
+            reps = r["long_repeats"]
+            if reps > mix.max_repeats:
+                out.append(f"{name}: warning: long documents repeat {reps:.1f} times per pass (more than "
+                           f"max_repeats={mix.max_repeats:g}); lower share or add long documents")
         for name in mix.weights:
             if preset.sources[name].format == "mds":
                 out.append(f"{name}: long_docs needs document boundaries, which MDS samples do not keep: "

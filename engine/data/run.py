@@ -162,3 +162,35 @@ def cached_train_tokens(preset: Preset, cache: Path) -> dict[str, int]:
         if best is not None:
             out[name] = best[1]
     return out
+
+
+def cached_long_docs(preset: Preset, cache: Path) -> dict:
+    """The long_docs report (per stage, per source: available / realised share, repeats) from sources already
+    prepared in `cache`, nothing prepared or built: for `cpt-tui plan` (engine.plan.resolve(long_docs=...))."""
+    import numpy as np
+    from engine.data.longdocs import plan_view
+    from engine.data.pack import open_boundaries
+    out: dict = {}
+    for st in preset.stages:
+        if not st.long_docs:
+            continue
+        for name in preset.mixture_of(st).weights:
+            try:
+                sfp = spec_fingerprint(effective_spec(preset, name))
+            except DataError:
+                continue
+            for man_path in sorted((cache / "prepared").glob(f"{name}-*/manifest.json"), key=lambda p: -p.stat().st_mtime):
+                try:
+                    man = json.loads(man_path.read_text())
+                except (OSError, ValueError):
+                    continue
+                if man.get("spec_fingerprint") != sfp or man.get("format_version") != FORMAT_VERSION:
+                    continue
+                starts = open_boundaries(man_path.parent)
+                if starts is None:
+                    break
+                lengths = np.diff(np.append(np.asarray(starts, dtype=np.int64), man["train"]["tokens"]))
+                rep = plan_view(lengths, st.long_docs.min_tokens, st.long_docs.share, preset.seed)["report"]
+                out.setdefault(st.name, {})[name] = rep
+                break
+    return out
