@@ -147,7 +147,9 @@ def build_view(base_dir: Path, min_tokens: int, share: float, seed: int) -> tupl
     val = {**man["val"], "shards": [{**s, "file": str(base_dir / s["file"])} for s in man["val"]["shards"]]}
     vman = {**man, "train": {"tokens": v["report"]["tokens"], "documents": None,
                              "view": {"base": str(base_dir), "segments": "segments.npy"}},
-            "val": val, "boundaries": None, "long_docs": v["report"]}
+            "val": val, "boundaries": None, "long_docs": v["report"],
+            "spec_fingerprint": None,  # a view is not the source: cache lookups by spec must not find it
+            "view_of": man["spec_fingerprint"]}
     write_json_atomic(out / "manifest.json", vman)
     return out, vman
 
