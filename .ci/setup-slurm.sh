@@ -30,8 +30,8 @@ if [ -n "$missing" ]; then
         chmod 0755 /usr/sbin/policy-rc.d
         policy=1
     fi
-    # shellcheck disable=SC2086
     status=0
+    # shellcheck disable=SC2086
     apt-get install -y -qq --no-install-recommends $(echo $missing | tr ' ' '\n' | sort -u) >/dev/null || status=$?
     [ -z "$policy" ] || rm -f /usr/sbin/policy-rc.d
     [ "$status" -eq 0 ] || exit "$status"
