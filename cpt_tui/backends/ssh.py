@@ -170,8 +170,8 @@ class SshBackend(Backend):
         return out
 
     def stop(self, procs: Sequence[Proc], *, force: bool = False) -> None:
-        for p in procs:
-            if not force and p.popen is not None:
+        for p in procs:  # (data preparation is a local keeper even on an ssh cluster)
+            if not force and p.remote and p.popen is not None:
                 p.popen.stdin.close()  # the node's guard SIGTERMs the tree, then SIGKILLs after grace
             else:
                 p.signal(signal.SIGKILL if force else signal.SIGTERM)
