@@ -315,6 +315,30 @@ class Store:
         return [{"run_id": r[0], "node": r[1], "kind": r[2], "idx": r[3], "ts": r[4], "metrics": json.loads(r[5])}
                 for r in reversed(rows)]
 
+    # ------------------------------------------------------------------ supervision (owned by the launch slice)
+    def claim_run(self, run_id: str, pid: int, host: str, is_alive) -> tuple[bool, dict]:
+        """Record (pid, host) as the run's supervisor unless `is_alive(row)` says another one lives
+        (atomic: BEGIN IMMEDIATE). Returns (claimed, the run's row as it was)."""
+        with self.db.conn:
+            self.db.execute("BEGIN IMMEDIATE")
+            row = self.run(run_id)
+            if row["pid"] != pid and is_alive(row):
+                return False, row
+            self.db.execute("UPDATE runs SET pid = ?, host = ?, heartbeat = ? WHERE id = ?",
+                            [pid, host, time.time(), run_id])
+        return True, row
+
+    def last_status(self, run_id: str, stage: str, since: float) -> tuple[Optional[str], Optional[str]]:
+        """(state, reason) of the stage's newest 'status' event at or after `since`, else (None, None)."""
+        row = self.db.execute(
+            "SELECT data FROM events WHERE run_id = ? AND stage = ? AND type = 'status' AND ts >= ? "
+            "ORDER BY seq DESC LIMIT 1", [run_id, stage, since]).fetchone()
+        data = json.loads(row[0]) if row else {}
+        return data.get("state"), data.get("reason")
+
+    def active_runs(self) -> list[dict]:
+        """Runs whose status says something should be running ('running', 'queued')."""
+        return list(self.db.query("SELECT * FROM runs WHERE status IN ('running', 'queued')"))
 
 _KEY_FIELDS = frozenset(("v", "seq", "ts", "type", "stage"))
 
