@@ -121,13 +121,14 @@ class Row(Mapping):
         return len(self._fields()) + len(self.extra)
 
 
-@dataclass(eq=False)
+# Fields in column order (kw_only: required ones need not come first), so dict(row) and JSON keep it.
+@dataclass(eq=False, kw_only=True)
 class RunRow(Row):
     id: str
     preset: str
+    preset_path: Optional[str] = None
     status: str
     run_dir: str
-    preset_path: Optional[str] = None
     created: Optional[float] = None
     started: Optional[float] = None
     finished: Optional[float] = None
@@ -139,21 +140,25 @@ class RunRow(Row):
     current_stage: Optional[int] = None
     plan: Optional[str] = None  # JSON
     options: Optional[str] = None  # JSON
-    # runs() only: the latest metric
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass(eq=False, kw_only=True)
+class RunSummary(RunRow):
+    """A run in a run list: its row and its latest metric."""
     last_loss: Optional[float] = None
     last_tps: Optional[float] = None
     last_step: Optional[int] = None
     last_stage: Optional[str] = None
-    extra: dict = field(default_factory=dict, repr=False)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class StageRow(Row):
     run_id: str
     idx: int
     name: str
-    status: str
     kind: Optional[str] = None
+    status: str
     started: Optional[float] = None
     finished: Optional[float] = None
     steps_total: Optional[int] = None
@@ -168,7 +173,7 @@ class StageRow(Row):
     extra: dict = field(default_factory=dict, repr=False)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class MetricRow(Row):
     run_id: str
     stage: str
@@ -183,7 +188,7 @@ class MetricRow(Row):
     extra: dict = field(default_factory=dict, repr=False)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class EvalRow(Row):
     run_id: str
     stage: str
@@ -326,9 +331,9 @@ class Store:
                 return None
         return RunRow.of(rows[0])
 
-    def runs(self) -> list[RunRow]:
+    def runs(self) -> list[RunSummary]:
         """Runs with their latest loss / tokens / throughput (for run lists; one indexed lookup each)."""
-        return [RunRow.of(r) for r in self.db.query("""
+        return [RunSummary.of(r) for r in self.db.query("""
             SELECT r.*, m.loss AS last_loss, m.tokens_per_s AS last_tps, m.step AS last_step, m.stage AS last_stage
             FROM runs r LEFT JOIN latest_metrics m ON m.run_id = r.id
             ORDER BY r.created DESC""")]
