@@ -174,13 +174,22 @@ class StageRow(Row):
 
 
 @dataclass(eq=False, kw_only=True)
-class MetricRow(Row):
+class _Keyed(Row):
+    """Rows keyed on (run, stage stream, seq): metrics, eval, events."""
     run_id: str
     stage: str
     seq: int
     ts: Optional[float] = None
+
+
+@dataclass(eq=False, kw_only=True)
+class _AtStep(_Keyed):
     step: Optional[int] = None
     tokens: Optional[int] = None
+
+
+@dataclass(eq=False, kw_only=True)
+class MetricRow(_AtStep):
     loss: Optional[float] = None
     lr: Optional[float] = None
     grad_norm: Optional[float] = None
@@ -189,63 +198,30 @@ class MetricRow(Row):
 
 
 @dataclass(eq=False, kw_only=True)
-class EvalRow(Row):
-    run_id: str
-    stage: str
-    seq: int
-    ts: Optional[float] = None
-    step: Optional[int] = None
-    tokens: Optional[int] = None
+class EvalRow(_AtStep):
     domain: Optional[str] = None
     loss: Optional[float] = None
     extra: dict = field(default_factory=dict, repr=False)
 
 
-@dataclass(eq=False)
-class EventRow(Row):
+@dataclass(eq=False, kw_only=True)
+class EventRow(_Keyed):
     """An event with its fields decoded (`data`: the event's own fields, no key fields)."""
-    run_id: str
-    stage: str
-    seq: int
-    ts: Optional[float]
-    type: Optional[str]
-    data: dict
+    type: Optional[str] = None
+    data: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict, repr=False)
 
 
-# What ingest (and the sample databases) insert: plain tuples in column order, named so every
-# field is explicit; executemany takes them as they are (no per-row conversion).
-class MetricRecord(NamedTuple):
-    run_id: str
-    stage: str
-    seq: int
-    ts: float
-    step: Optional[int]
-    tokens: Optional[int]
-    loss: Optional[float]
-    lr: Optional[float]
-    grad_norm: Optional[float]
-    tokens_per_s: Optional[float]
+def _record(row: type, name: str, **types) -> type:
+    """The insert record of a row type: a named tuple of its columns in column order (`types`
+    overrides some), which executemany takes as it is (no per-row conversion)."""
+    return NamedTuple(name, [(f.name, types.get(f.name, f.type)) for f in fields(row) if f.name != "extra"])
 
 
-class EventRecord(NamedTuple):
-    run_id: str
-    stage: str
-    seq: int
-    ts: float
-    type: str
-    data: str  # JSON of the event's own fields
-
-
-class EvalRecord(NamedTuple):
-    run_id: str
-    stage: str
-    seq: int
-    ts: float
-    step: Optional[int]
-    tokens: Optional[int]
-    domain: Optional[str]
-    loss: Optional[float]
+# What ingest (and the sample databases) insert.
+MetricRecord = _record(MetricRow, "MetricRecord")
+EvalRecord = _record(EvalRow, "EvalRecord")
+EventRecord = _record(EventRow, "EventRecord", data=str)  # data: the JSON text
 
 
 class MetricBucket(NamedTuple):
@@ -359,7 +335,8 @@ class Store:
         skip = f" AND type NOT IN ({','.join('?' * len(skip_types))})" if skip_types else ""
         rows = self.db.execute(f"SELECT run_id, stage, seq, ts, type, data FROM events WHERE run_id = ?{skip} "
                                "ORDER BY rowid DESC LIMIT ?", [run_id, *skip_types, limit]).fetchall()
-        return [EventRow(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]) if r[5] else {}) for r in reversed(rows)]
+        return [EventRow(run_id=r[0], stage=r[1], seq=r[2], ts=r[3], type=r[4], data=json.loads(r[5]) if r[5] else {})
+                for r in reversed(rows)]
 
     def delete_run(self, run_id: str) -> None:
         """Remove a run's rows from every table (the caller checks it is not running)."""
