@@ -49,7 +49,7 @@ def test_engine_modules_load_without_them():
 def test_ui_and_cli_never_import_torch():
     code = (
         "import sys, importlib, pkgutil\n"
-        "import cpt_tui.cli, cpt_tui.ui.app, cpt_tui.supervisor, cpt_tui.store, cpt_tui.launch, engine.plan\n"
+        "import cpt_tui.cli, cpt_tui.ui.app, cpt_tui.supervisor, cpt_tui.store, cpt_tui.backends, cpt_tui.lifecycle, engine.plan\n"
         "import cpt_tui.lifecycle, cpt_tui.fmt\n"
         "for m in pkgutil.walk_packages(cpt_tui.cli.__path__, 'cpt_tui.cli.'):\n"
         "    if m.name != 'cpt_tui.cli.__main__':\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Modules of the launch slice that still run SQL through `store.db` (issue 11): to be emptied there.
-SQL_PENDING = {"cpt_tui/supervisor.py", "cpt_tui/lifecycle.py"}
+SQL_PENDING: set[str] = set()
 
 
 def test_import_contracts_are_kept():

@@ -1,4 +1,4 @@
-"""cpt_tui.launch: argv structure, DeepSpeed config, redaction; then real runs through a real sshd on
+"""cpt_tui.backends and cpt_tui.procs: argv structure, DeepSpeed config, redaction; then real runs through a real sshd on
 loopback (quoting/injection, preflight, no orphans) and a real 2-node gloo run in network namespaces."""
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ def format_commands(cmds: Sequence[NodeCommand]) -> str:
         lines.append(f"# {c.node} (machine rank {c.rank}, {where}" + (f", workdir {c.workdir}" if c.workdir else "") + ")")
         lines.append(c.display)
         lines.append("")
-    lines.append(f"# {GUARD_PLACEHOLDER}: a small Python wrapper (cpt_tui.launch._GUARD) that ends the whole "
+    lines.append(f"# {GUARD_PLACEHOLDER}: a small Python wrapper (cpt_tui.procs._GUARD) that ends the whole "
                  "process tree when its stdin (the ssh channel / the manager) closes")
     return "\n".join(lines)
 

@@ -26,28 +26,15 @@ def plan_with_cache(preset, plan: dict) -> dict:
     return out
 
 
-def commands_listing(preset) -> dict[str, str]:
-    """Stage name → its launch commands, formatted (a dry run: nothing is written, the DeepSpeed config
-    is only named). Raises cpt_tui.launch.LaunchError for a cluster the launcher rejects."""
-    from cpt_tui import launch
-
-    out = {}
-    for st in preset.stages:
-        cmds = launch.build_commands(preset.cluster, st, f"<run_dir>/stages/{st.name}/stage.json", "<run_dir>",
-                                     write_configs=False)
-        out[st.name] = launch.format_commands(cmds)
-    return out
-
-
 def cmd_plan(a) -> int:
-    from cpt_tui.launch import LaunchError
+    from cpt_tui.backends import LaunchError, dry_run
     from engine.plan import format_plan
 
     path, preset, plan = load_checked(a.preset, check_paths=False)
     plan = plan_with_cache(preset, plan)  # epochs per source once the data is prepared
     if a.commands:
         try:
-            plan["commands"] = commands_listing(preset)
+            plan["commands"] = dry_run(preset)
         except LaunchError as e:
             raise Invalid(f"{path}: cluster: {e}") from None
     if a.json:

@@ -44,13 +44,13 @@ def launchable(preset_ref: str, target: str) -> Path:
 
 
 def dry_run(preset_path: Path) -> str:
-    from cpt_tui.cli.plan import commands_listing
+    from cpt_tui import backends
     from cpt_tui.presets import load_checked
     from engine.plan import format_plan
 
     path, preset, plan = load_checked(str(preset_path), check_paths=False)
     out = [format_plan(plan)]
-    for name, text in commands_listing(preset).items():
+    for name, text in backends.dry_run(preset).items():
         out.append(f"\n# commands for stage {name}:\n{text}")
     return "\n".join(out)
 
