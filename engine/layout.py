@@ -8,6 +8,8 @@ nodes) and by the manager and UI, so it imports nothing heavy (no torch).
       prepare.log / .pid / .exit   the preparation process: output, adoption record, exit status
       supervisor.log           the detached supervisor's output
       vocab/                   the extended tokenizer and vocab_report.json (a `vocabulary` block)
+      base_model/              a model built from `model.config` (no `model.path`)
+      cache/                   preparation's default cache (tokenizers, sources) without --cache
       deepspeed.STAGE.json     the DeepSpeed config of a ZeRO stage
       stages/STAGE/
         stage.json             the trainer's input (engine/plan.py:stage_config)
@@ -104,6 +106,8 @@ class RunLayout:
     supervisor_log = property(lambda self: self.root / "supervisor.log")
     vocab = property(lambda self: self.root / "vocab")
     vocab_report = property(lambda self: self.root / "vocab" / "vocab_report.json")
+    base_model = property(lambda self: self.root / "base_model")
+    default_cache = property(lambda self: self.root / "cache")
 
     def stage(self, name: str) -> StageLayout:
         return StageLayout(self.root / "stages" / name)
