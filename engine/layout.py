@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence = complete
+VOCAB_REPORT = "vocab_report.json"  # beside an extended tokenizer + model (RUN_DIR/vocab, its cache)
 _STEP_PREFIX = "step-"
 _TMP_STEP_PREFIX = ".tmp-step-"
 
@@ -105,7 +106,7 @@ class RunLayout:
     prepare_exit = property(lambda self: self.root / "prepare.exit")
     supervisor_log = property(lambda self: self.root / "supervisor.log")
     vocab = property(lambda self: self.root / "vocab")
-    vocab_report = property(lambda self: self.root / "vocab" / "vocab_report.json")
+    vocab_report = property(lambda self: self.root / "vocab" / VOCAB_REPORT)
     base_model = property(lambda self: self.root / "base_model")
     default_cache = property(lambda self: self.root / "cache")
 

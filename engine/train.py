@@ -335,33 +335,17 @@ class Trainer:
 
     def run(self) -> int:
         st = self.stage
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        self.ev.emit("status", state="starting", world_size=self.world, grad_accum=self.accum,
-                     threads=torch.get_num_threads())
-        for kind, msg in self.notes:
-            self.ev.emit("warning", kind=kind, message=msg)
-        own, other = self.resume()
-        self.ev.emit("status", state="running", step=self.step, total_steps=self.total_steps, loss=self.loss_kind,
-                     resumed_from=str(own or other) if (own or other) else None)
-        if own is None and self.val:  # a fresh start (or `start: resume`): the baseline
-            self.evaluate()
-        self.spikes = SpikeWatch(st.spike_window, st.spike_factor)
-        self.timer = StepTimer(self.step, self.tokens)
-        self.skipped = 0  # batches skipped for a non-finite loss (nan_policy: skip)
-        self.model.train()
+        self.start()
         while self.step < self.total_steps:
             lr = self.schedule.lr(self.step)
             loss, grad_norm, stop = self.train_step(lr)
             self.step += 1
             self.position += st.global_batch_size
-            if loss is None:  # non-finite: stop, or the batch was skipped
-                if st.nan_policy == "stop" or self.ds:
-                    self.ev.emit("status", state="failed", step=self.step, exit_code=1,
-                                 reason=f"non-finite loss at step {self.step}")
-                    return 1
-                self.skipped += 1
-            else:
-                self.watch_spikes(loss)
+            if loss is None and (st.nan_policy == "stop" or self.ds):
+                self.ev.emit("status", state="failed", step=self.step, exit_code=1,
+                             reason=f"non-finite loss at step {self.step}")
+                return 1
+            self.watch(loss)
             if self.relora:
                 self._relora_after_step()
             if loss is not None and self._every(st.log_every):
@@ -378,11 +362,34 @@ class Trainer:
                      exit_code=0)
         return 0
 
+    def start(self) -> None:
+        """SIGTERM handling, status starting, resume (or a fresh model), status running, the
+        baseline evaluation of a fresh start, and the measurements of the loop."""
+        st = self.stage
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.ev.emit("status", state="starting", world_size=self.world, grad_accum=self.accum,
+                     threads=torch.get_num_threads())
+        for kind, msg in self.notes:
+            self.ev.emit("warning", kind=kind, message=msg)
+        own, other = self.resume()
+        self.ev.emit("status", state="running", step=self.step, total_steps=self.total_steps, loss=self.loss_kind,
+                     resumed_from=str(own or other) if (own or other) else None)
+        if own is None and self.val:  # not a restart (a fresh start, or `start: resume`): the baseline
+            self.evaluate()
+        self.spikes = SpikeWatch(st.spike_window, st.spike_factor)
+        self.timer = StepTimer(self.step, self.tokens)
+        self.skipped = 0  # batches skipped for a non-finite loss (nan_policy: skip)
+        self.model.train()
+
     def _every(self, n: int) -> bool:
         """Every `n` steps, and at the last step of the stage."""
         return self.step % n == 0 or self.step == self.total_steps
 
-    def watch_spikes(self, loss: float) -> None:
+    def watch(self, loss: float | None) -> None:
+        """After a step: count a skipped batch (loss None), or warn of a loss spike."""
+        if loss is None:
+            self.skipped += 1
+            return
         mean = self.spikes.check(loss)
         if mean is not None:
             self.ev.emit("warning", kind="loss_spike", step=self.step, loss=loss, mean=mean,
