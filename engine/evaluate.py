@@ -180,8 +180,7 @@ def run(args, tm=None) -> tuple[dict | None, int]:
     t0 = time.time()
     import lm_eval
 
-    tasks = [t for t in args.tasks.split(",") if t.strip()]
-    tasks = [t.strip() for t in tasks]
+    tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
     global_k, per_task_k = parse_fewshot(args.num_fewshot, tasks)
     doc = {"model": str(args.model), "lm_eval_version": getattr(lm_eval, "__version__", None), "seconds": None,
            "error": None,
