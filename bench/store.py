@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 
 from cpt_tui.store import Store  # noqa: E402
-from cpt_tui.supervisor import read_lines  # noqa: E402
+from cpt_tui.collector import read_lines  # noqa: E402
 from engine.events import EventWriter, read_events  # noqa: E402
 
 INGEST_TARGET = 50_000  # metric events / s

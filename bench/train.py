@@ -54,7 +54,7 @@ def prepare(d: Path) -> dict:
 
 
 def stage_cfg(prep: dict, out: Path, steps: int, **extra) -> tuple[dict, list[str]]:
-    from cpt_tui.launch import build_commands
+    from cpt_tui.backends import build_commands
     from engine.spec import ClusterSpec, MixtureSpec, StageSpec
 
     st = StageSpec.model_validate({

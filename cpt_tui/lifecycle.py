@@ -16,22 +16,21 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from cpt_tui import launch
+from cpt_tui.backends import LaunchError, backend_for
 from cpt_tui.paths import cache_dir, runs_dir
 from cpt_tui.presets import Invalid, load_checked
+from cpt_tui.procs import engine_env, procs_of, supervisor_alive, supervisor_env, tail
 from cpt_tui.store import TERMINAL, Store
-from cpt_tui.supervisor import (DEFAULTS, RUN_STREAM, _ORIG_PYTHONPATH, _engine_env, _tail, procs_of,
-                                supervisor_alive)
+from cpt_tui.supervisor import DEFAULTS, RUN_STREAM
+from engine.layout import RunLayout
 from engine.spec import Preset
+
+__all__ = ["new_run_id", "create_run", "spawn", "start_detached", "request_stop", "resume", "orphans",
+           "adopt_orphans", "supervisor_alive", "engine_env"]
 
 
 def new_run_id(preset: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{preset}-{secrets.token_hex(2)}"
-
-
-def engine_env() -> dict:
-    """The environment for engine subprocesses started on this machine."""
-    return _engine_env()
 
 
 def resume(db_path: str | Path, run_id: str) -> tuple[str, Optional[dict], Optional[int]]:
@@ -56,7 +55,7 @@ def create_run(store: Store, preset_path: Path, preset: Preset, plan: dict, opti
     run_id = new_run_id(preset.name)
     run_dir = runs_dir() / run_id
     run_dir.mkdir(parents=True)
-    shutil.copyfile(preset_path, run_dir / "preset.yaml")
+    shutil.copyfile(preset_path, RunLayout(run_dir).preset)
     store.create_run(run_id, preset.name, str(preset_path), str(run_dir), plan, socket.gethostname())
     store.update_run(run_id, options=json.dumps(options))
     return run_id
@@ -68,17 +67,16 @@ def spawn(run_id: str, db_path: str | Path, timeout: float = 120) -> int:
     db_path = Path(db_path).resolve()
     store = Store(db_path, readonly=True)
     try:
-        run_dir = Path(store.run(run_id)["run_dir"])
-        with open(run_dir / "supervisor.log", "ab") as log:
-            env = {**_engine_env(), _ORIG_PYTHONPATH: os.environ.get("PYTHONPATH", "")}
+        log_path = RunLayout(store.run(run_id)["run_dir"]).supervisor_log
+        with open(log_path, "ab") as log:
             p = subprocess.Popen([sys.executable, "-m", "cpt_tui.supervisor", run_id, "--db", str(db_path), "--fork"],
-                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=supervisor_env(),
                                  start_new_session=True)
         rc = p.wait(timeout)
         if rc == 3:
             raise RuntimeError(f"run {run_id} already has a live supervisor")
         if rc != 0:
-            raise RuntimeError(f"the supervisor of run {run_id} did not start:{_tail(run_dir / 'supervisor.log')}")
+            raise RuntimeError(f"the supervisor of run {run_id} did not start:{tail(log_path)}")
         return store.run(run_id)["pid"]
     finally:
         store.close()
@@ -94,9 +92,10 @@ def start_detached(preset_path: str | Path, db_path: str | Path, **options) -> s
         raise TypeError(f"unknown options: {sorted(unknown)}")
     path, preset, plan = load_checked(str(preset_path), check_paths=True)
     try:
-        launch.preflight(preset.cluster)
-        launch.build_commands(preset.cluster, preset.stages[0], "stage.json", "<unused>", write_configs=False)
-    except launch.LaunchError as e:
+        backend = backend_for(preset.cluster)
+        backend.preflight()
+        backend.commands(preset.stages[0], "stage.json", "<unused>", write_configs=False)
+    except LaunchError as e:
         raise Invalid(f"{path}: cluster: {e}") from None
     store = Store(db_path)
     try:
@@ -141,7 +140,7 @@ def request_stop(store: Store, run_id: str) -> str:
 def orphans(store: Store) -> list[dict]:
     """Runs that should be running but whose supervisor is gone."""
     out = []
-    for r in store.db.query("SELECT * FROM runs WHERE status IN ('running', 'queued')"):
+    for r in store.active_runs():
         if r["status"] == "queued" and time.time() - (r["created"] or 0) < 60:
             continue  # being started right now
         if not supervisor_alive(r):

@@ -7,6 +7,12 @@ events.jsonl from any offset never duplicates a row. The byte offset reached in 
 events.jsonl is stored in the same transaction as the rows, so a new supervisor continues exactly
 where a dead one stopped.
 
+`events.data` holds an event's own fields only (the key fields v/seq/ts/type/stage live in their
+columns), whether the engine wrote it (ingest) or the manager (add_event).
+
+Reads return typed rows (RunRow, StageRow, ...): attributes, and `row["key"]` / `.get` / `dict(row)`
+like the plain dicts they replace. This is the only module that writes SQL.
+
 Schema changes are versioned migrations (PRAGMA user_version): append to MIGRATIONS, never edit one.
 """
 
@@ -15,8 +21,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from operator import itemgetter
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 import sqlite_utils
 
@@ -61,13 +70,182 @@ MIGRATIONS: list[list[str]] = [
             SELECT m.run_id, m.stage, m.seq, m.ts, m.step, m.tokens, m.loss, m.lr, m.tokens_per_s FROM metrics m
             WHERE m.rowid = (SELECT rowid FROM metrics WHERE run_id = m.run_id ORDER BY ts DESC LIMIT 1)""",
     ],
+    [  # 3: events.data without the key fields (ingest used to store the engine's whole line)
+        """UPDATE events SET data = json_remove(data, '$.v', '$.seq', '$.ts', '$.type', '$.stage')
+            WHERE json_valid(data) AND json_type(data, '$.seq') IS NOT NULL AND json_type(data, '$.type') IS NOT NULL""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 TERMINAL = ("done", "failed", "stopped")  # run / stage states after which nothing runs
 
 
+# --------------------------------------------------------------------------- rows
+
+
+class Row(Mapping):
+    """A typed row that also reads like the dict it replaces: `row.status`, `row["status"]`,
+    `row.get("status")`, `dict(row)`. Columns a later migration adds land in `extra` (still readable
+    by key), so an older row type never breaks on a newer database."""
+
+    extra: dict
+
+    @classmethod
+    def of(cls, d: dict):
+        known = cls._fields()
+        return cls(**{k: v for k, v in d.items() if k in known},
+                   extra={k: v for k, v in d.items() if k not in known})
+
+    @classmethod
+    def _fields(cls) -> frozenset:
+        f = cls.__dict__.get("_FIELDS")
+        if f is None:
+            f = frozenset(x.name for x in fields(cls) if x.name != "extra")
+            setattr(cls, "_FIELDS", f)
+        return f
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._fields():
+            return getattr(self, key)
+        return self.extra[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in self._fields():
+            setattr(self, key, value)
+        else:
+            self.extra[key] = value
+
+    def __iter__(self):
+        yield from (f.name for f in fields(self) if f.name != "extra")
+        yield from self.extra
+
+    def __len__(self) -> int:
+        return len(self._fields()) + len(self.extra)
+
+
+# Fields in column order (kw_only: required ones need not come first), so dict(row) and JSON keep it.
+@dataclass(eq=False, kw_only=True)
+class RunRow(Row):
+    id: str
+    preset: str
+    preset_path: Optional[str] = None
+    status: str
+    run_dir: str
+    created: Optional[float] = None
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    error: Optional[str] = None
+    host: Optional[str] = None
+    pid: Optional[int] = None
+    heartbeat: Optional[float] = None
+    n_stages: Optional[int] = None
+    current_stage: Optional[int] = None
+    plan: Optional[str] = None  # JSON
+    options: Optional[str] = None  # JSON
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass(eq=False, kw_only=True)
+class RunSummary(RunRow):
+    """A run in a run list: its row and its latest metric."""
+    last_loss: Optional[float] = None
+    last_tps: Optional[float] = None
+    last_step: Optional[int] = None
+    last_stage: Optional[str] = None
+
+
+@dataclass(eq=False, kw_only=True)
+class StageRow(Row):
+    run_id: str
+    idx: int
+    name: str
+    kind: Optional[str] = None
+    status: str
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    steps_total: Optional[int] = None
+    tokens_total: Optional[int] = None
+    step: Optional[int] = None
+    tokens: Optional[int] = None
+    exit_code: Optional[int] = None
+    attempts: Optional[int] = 0
+    events_offset: Optional[int] = 0
+    procs: Optional[str] = None  # JSON
+    restarts: Optional[int] = 0
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass(eq=False, kw_only=True)
+class _Keyed(Row):
+    """Rows keyed on (run, stage stream, seq): metrics, eval, events."""
+    run_id: str
+    stage: str
+    seq: int
+    ts: Optional[float] = None
+
+
+@dataclass(eq=False, kw_only=True)
+class _AtStep(_Keyed):
+    step: Optional[int] = None
+    tokens: Optional[int] = None
+
+
+@dataclass(eq=False, kw_only=True)
+class MetricRow(_AtStep):
+    loss: Optional[float] = None
+    lr: Optional[float] = None
+    grad_norm: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass(eq=False, kw_only=True)
+class EvalRow(_AtStep):
+    domain: Optional[str] = None
+    loss: Optional[float] = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass(eq=False, kw_only=True)
+class EventRow(_Keyed):
+    """An event with its fields decoded (`data`: the event's own fields, no key fields)."""
+    type: Optional[str] = None
+    data: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+def _record(row: type, name: str, **types) -> type:
+    """The insert record of a row type: a named tuple of its columns in column order (`types`
+    overrides some), which executemany takes as it is (no per-row conversion)."""
+    return NamedTuple(name, [(f.name, types.get(f.name, f.type)) for f in fields(row) if f.name != "extra"])
+
+
+# What ingest (and the sample databases) insert.
+MetricRecord = _record(MetricRow, "MetricRecord")
+EvalRecord = _record(EvalRow, "EvalRecord")
+EventRecord = _record(EventRow, "EventRecord", data=str)  # data: the JSON text
+
+
+class MetricBucket(NamedTuple):
+    bucket: int
+    step: float
+    tokens: Optional[float]
+    loss: Optional[float]
+    lr: Optional[float]
+    tokens_per_s: Optional[float]
+    n: int
+
+
+class EvalBucket(NamedTuple):
+    domain: Optional[str]
+    step: float
+    tokens: Optional[float]
+    loss: Optional[float]
+
+
+
 class Store:
-    """`readonly=True`: a reader (UI, CLI); it still brings an old database up to date once."""
+    """`readonly=True`: a reader (UI, CLI); it still brings an old database up to date once.
+    A context manager: `with Store(path) as s:` closes it."""
 
     def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
@@ -81,6 +259,12 @@ class Store:
             conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints, never corrupt
         if not readonly or self.version() < SCHEMA_VERSION:
             self.migrate()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ schema
     def version(self) -> int:
@@ -116,39 +300,66 @@ class Store:
     def update_stage(self, run_id: str, idx: int, **fields) -> None:
         self.db["stages"].update((run_id, idx), fields)
 
-    def run(self, run_id: str) -> Optional[dict]:
+    def run(self, run_id: str) -> Optional[RunRow]:
         rows = list(self.db.query("SELECT * FROM runs WHERE id = ?", [run_id]))
         if not rows:  # allow a unique prefix
             rows = list(self.db.query("SELECT * FROM runs WHERE id LIKE ? ORDER BY created DESC", [run_id + "%"]))
             if len(rows) != 1:
                 return None
-        return rows[0]
+        return RunRow.of(rows[0])
 
-    def runs(self) -> list[dict]:
+    def runs(self) -> list[RunSummary]:
         """Runs with their latest loss / tokens / throughput (for run lists; one indexed lookup each)."""
-        return list(self.db.query("""
+        return [RunSummary.of(r) for r in self.db.query("""
             SELECT r.*, m.loss AS last_loss, m.tokens_per_s AS last_tps, m.step AS last_step, m.stage AS last_stage
             FROM runs r LEFT JOIN latest_metrics m ON m.run_id = r.id
-            ORDER BY r.created DESC"""))
+            ORDER BY r.created DESC""")]
 
-    def stages(self, run_id: str) -> list[dict]:
-        return list(self.db.query("SELECT * FROM stages WHERE run_id = ? ORDER BY idx", [run_id]))
+    def stages(self, run_id: str) -> list[StageRow]:
+        return [StageRow.of(r) for r in self.db.query("SELECT * FROM stages WHERE run_id = ? ORDER BY idx", [run_id])]
 
-    def metrics(self, run_id: str, stage: Optional[str] = None) -> list[dict]:
+    def metrics(self, run_id: str, stage: Optional[str] = None) -> list[MetricRow]:
         q, args = "SELECT * FROM metrics WHERE run_id = ?", [run_id]
         if stage:
             q, args = q + " AND stage = ?", args + [stage]
-        return list(self.db.query(q + " ORDER BY ts, seq", args))
+        return [MetricRow.of(r) for r in self.db.query(q + " ORDER BY ts, seq", args)]
 
-    def evals(self, run_id: str, stage: Optional[str] = None) -> list[dict]:
+    def evals(self, run_id: str, stage: Optional[str] = None) -> list[EvalRow]:
         q, args = "SELECT * FROM eval WHERE run_id = ?", [run_id]
         if stage:
             q, args = q + " AND stage = ?", args + [stage]
-        return list(self.db.query(q + " ORDER BY ts, seq", args))
+        return [EvalRow.of(r) for r in self.db.query(q + " ORDER BY ts, seq", args)]
 
-    def events(self, run_id: str, limit: int = 1000) -> list[dict]:
-        return list(self.db.query(
-            "SELECT * FROM (SELECT * FROM events WHERE run_id = ? ORDER BY ts DESC LIMIT ?) ORDER BY ts", [run_id, limit]))
+    def events(self, run_id: str, limit: int = 1000, skip_types: tuple[str, ...] = ()) -> list[EventRow]:
+        """The latest `limit` events (optionally without some types, e.g. per-step metrics), oldest
+        first, in the order they were stored."""
+        skip = f" AND type NOT IN ({','.join('?' * len(skip_types))})" if skip_types else ""
+        rows = self.db.execute(f"SELECT run_id, stage, seq, ts, type, data FROM events WHERE run_id = ?{skip} "
+                               "ORDER BY rowid DESC LIMIT ?", [run_id, *skip_types, limit]).fetchall()
+        return [EventRow(run_id=r[0], stage=r[1], seq=r[2], ts=r[3], type=r[4], data=json.loads(r[5]) if r[5] else {})
+                for r in reversed(rows)]
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove a run's rows from every table (the caller checks it is not running)."""
+        c = self.db.conn
+        with c:
+            c.execute("BEGIN IMMEDIATE")
+            for t in RUN_TABLES:
+                if self.has_table(t):
+                    c.execute(f"DELETE FROM {t} WHERE run_id = ?", [run_id])
+            c.execute("DELETE FROM runs WHERE id = ?", [run_id])
+
+    def latest_tokens_per_s(self, preset: str) -> Optional[float]:
+        """Throughput of the latest run of this preset that logged any."""
+        row = self.db.execute(
+            "SELECT m.tokens_per_s FROM runs r JOIN metrics m ON m.run_id = r.id WHERE r.preset = ? "
+            "AND m.tokens_per_s > 0 ORDER BY m.ts DESC LIMIT 1", [preset]).fetchone()
+        return row[0] if row else None
+
+    def run_dirs(self, preset: str) -> list[str]:
+        """The run directories of a preset's runs, newest first."""
+        return [r[0] for r in self.db.execute("SELECT run_dir FROM runs WHERE preset = ? ORDER BY created DESC",
+                                              [preset])]
 
     # ------------------------------------------------------------------ ingest
     def ingest(self, run_id: str, records: Iterable[dict], *, stage_idx: Optional[int] = None,
@@ -157,41 +368,59 @@ class Store:
 
         With `stage_idx` and `offset`: also store the byte offset reached in that stage's events.jsonl
         and its latest step / tokens, in the same transaction (a crash never loses or skips a record).
-        `raw`: the records' JSON lines as read (then stored as they are, instead of re-encoding them)."""
+        `raw`: the records' JSON lines as read; SQLite strips their key fields (json_remove, in C), which
+        is cheaper than re-encoding every record in Python."""
         ev, met, evl = [], [], []
         dumps = json.dumps
         for i, r in enumerate(records):
-            key = (run_id, r["stage"], r["seq"])
+            run, stage, seq, ts, typ = run_id, r["stage"], r["seq"], r["ts"], r["type"]
             data = raw[i] if raw is not None else dumps({k: v for k, v in r.items() if k not in _KEY_FIELDS})
-            ev.append((*key, r["ts"], r["type"], data))
-            if r["type"] == "metric":
-                met.append((*key, r["ts"], r.get("step"), r.get("tokens"), r.get("loss"), r.get("lr"),
-                            r.get("grad_norm"), r.get("tokens_per_s")))
-            elif r["type"] == "eval":
-                evl.append((*key, r["ts"], r.get("step"), r.get("tokens"), r.get("domain"), r.get("loss")))
+            # EventRecord / MetricRecord / EvalRecord fields, built as plain tuples: a named tuple per
+            # row cost ~20 % of ingest's CPU (bench/store.py), and executemany reads tuples fastest.
+            ev.append((run, stage, seq, ts, typ, data))
+            if typ == "metric":
+                g = r.get
+                met.append((run, stage, seq, ts, g("step"), g("tokens"), g("loss"), g("lr"), g("grad_norm"),
+                            g("tokens_per_s")))
+            elif typ == "eval":
+                g = r.get
+                evl.append((run, stage, seq, ts, g("step"), g("tokens"), g("domain"), g("loss")))
         if not ev and offset is None:
             return 0
         c = self.db.conn
         with c:
             c.execute("BEGIN IMMEDIATE")
             before = c.total_changes
-            c.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?)", ev)
+            c.executemany(_INSERT_RAW_EVENT if raw is not None else _INSERT_EVENT, ev)
             new = c.total_changes - before
-            c.executemany("INSERT OR IGNORE INTO metrics VALUES (?,?,?,?,?,?,?,?,?,?)", met)
-            c.executemany("INSERT OR IGNORE INTO eval VALUES (?,?,?,?,?,?,?,?)", evl)
-            if met:
-                last = max(met, key=lambda m: m[3])
-                c.execute("""INSERT INTO latest_metrics VALUES (?,?,?,?,?,?,?,?,?)
-                    ON CONFLICT(run_id) DO UPDATE SET stage=excluded.stage, seq=excluded.seq, ts=excluded.ts,
-                    step=excluded.step, tokens=excluded.tokens, loss=excluded.loss, lr=excluded.lr,
-                    tokens_per_s=excluded.tokens_per_s WHERE excluded.ts >= latest_metrics.ts""",
-                          (*last[:8], last[9]))
+            self._insert_metrics(met, evl)
             if stage_idx is not None and offset is not None:
                 sets, args = "events_offset = ?", [offset]
                 if met:
-                    sets, args = sets + ", step = ?, tokens = ?", args + [met[-1][4], met[-1][5]]
+                    last = MetricRecord._make(met[-1])
+                    sets, args = sets + ", step = ?, tokens = ?", args + [last.step, last.tokens]
                 c.execute(f"UPDATE stages SET {sets} WHERE run_id = ? AND idx = ?", [*args, run_id, stage_idx])
         return new
+
+    def _insert_metrics(self, met: list[MetricRecord], evl: Iterable[EvalRecord]) -> None:
+        """Inside a transaction: metric and eval rows (idempotent), and the run's latest metric."""
+        c = self.db.conn
+        c.executemany(_INSERT_METRIC, met)
+        c.executemany(_INSERT_EVAL, evl)
+        if met:
+            last = MetricRecord._make(max(met, key=_BY_TS))
+            c.execute("""INSERT INTO latest_metrics VALUES (?,?,?,?,?,?,?,?,?)
+                ON CONFLICT(run_id) DO UPDATE SET stage=excluded.stage, seq=excluded.seq, ts=excluded.ts,
+                step=excluded.step, tokens=excluded.tokens, loss=excluded.loss, lr=excluded.lr,
+                tokens_per_s=excluded.tokens_per_s WHERE excluded.ts >= latest_metrics.ts""",
+                      (*last[:8], last.tokens_per_s))
+
+    def insert_metrics(self, metrics: Iterable[MetricRecord] = (), evals: Iterable[EvalRecord] = ()) -> None:
+        """Metric / eval rows without their events (sample and benchmark databases), in one transaction."""
+        c = self.db.conn
+        with c:
+            c.execute("BEGIN IMMEDIATE")
+            self._insert_metrics(list(metrics), evals)
 
     def add_event(self, run_id: str, stage: str, type: str, **data) -> dict:
         """A manager-side event (supervisor transitions), numbered in its own stream (e.g. '@run')."""
@@ -200,12 +429,12 @@ class Store:
             seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM events WHERE run_id = ? AND stage = ?",
                                   [run_id, stage]).fetchone()[0]
             ts = time.time()
-            self.db.execute("INSERT INTO events VALUES (?,?,?,?,?,?)",
-                            [run_id, stage, seq, ts, type, json.dumps(data)])
+            self.db.execute(_insert("events", EventRecord, "INSERT"), EventRecord(run_id, stage, seq, ts, type,
+                                                                                  json.dumps(data)))
         return {"stage": stage, "seq": seq, "ts": ts, "type": type, **data}
 
     def events_after(self, run_id: str, rowid: int = 0, limit: int = 5000) -> list[dict]:
-        """Event records (as the engine wrote them, plus `rowid`) in insertion order, after `rowid`:
+        """Event records (key fields, data fields and `rowid`) in insertion order, after `rowid`:
         what `attach` follows."""
         out = []
         for row in self.db.execute("SELECT rowid, stage, seq, ts, type, data FROM events WHERE run_id = ? "
@@ -217,6 +446,12 @@ class Store:
 
     def last_rowid(self, run_id: str) -> int:
         return self.db.execute("SELECT COALESCE(MAX(rowid), 0) FROM events WHERE run_id = ?", [run_id]).fetchone()[0]
+
+    def history_rowid(self, run_id: str, n: int) -> int:
+        """The rowid after which the run's last `n` events follow (0: from the start)."""
+        row = self.db.execute("SELECT rowid FROM events WHERE run_id = ? ORDER BY rowid DESC LIMIT 1 OFFSET ?",
+                              [run_id, max(0, n)]).fetchone()
+        return row[0] if row else 0
 
     # ------------------------------------------------------------------ telemetry
     def add_telemetry(self, run_id: str, samples: Iterable[dict]) -> int:
@@ -277,28 +512,27 @@ class Store:
         return {"first_step": first[0], "last_step": last[0], "last_tokens": last[1]}
 
     def metric_buckets(self, run_id: str, stage: str, lo: float, hi: float, buckets: int,
-                       per_bucket: int = 32) -> list[tuple]:
+                       per_bucket: int = 32) -> list[MetricBucket]:
         """Downsampled metrics of a stage: `buckets` equal step ranges over [lo, hi]; each bucket is the
         mean of its first `per_bucket` rows (exact when it has fewer). One statement, index seeks only,
-        so its cost depends on the buckets, not on the rows (1M rows: ~20 ms).
-        Rows: (bucket, step, tokens, loss, lr, tokens_per_s, n)."""
+        so its cost depends on the buckets, not on the rows (1M rows: ~20 ms)."""
         width = max((hi - lo + 1) / max(buckets, 1), 1e-9)
-        return self.db.execute("""
+        return [MetricBucket(*r) for r in self.db.execute("""
             WITH RECURSIVE b(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM b WHERE i + 1 < :n)
             SELECT b.i, AVG(m.step), AVG(m.tokens), AVG(m.loss), AVG(m.lr), AVG(m.tokens_per_s), COUNT(*)
             FROM b JOIN metrics m ON m.rowid IN (
                 SELECT rowid FROM metrics WHERE run_id = :run AND stage = :stage
                 AND step >= :lo + b.i * :w AND step < :lo + (b.i + 1) * :w ORDER BY step LIMIT :k)
             GROUP BY b.i ORDER BY b.i""",
-            {"n": buckets, "run": run_id, "stage": stage, "lo": lo, "w": width, "k": per_bucket}).fetchall()
+            {"n": buckets, "run": run_id, "stage": stage, "lo": lo, "w": width, "k": per_bucket})]
 
-    def eval_buckets(self, run_id: str, stage: str, lo: float, hi: float, buckets: int) -> list[tuple]:
-        """Validation loss per domain, averaged per step bucket. Rows: (domain, step, tokens, loss)."""
+    def eval_buckets(self, run_id: str, stage: str, lo: float, hi: float, buckets: int) -> list[EvalBucket]:
+        """Validation loss per domain, averaged per step bucket."""
         width = max((hi - lo + 1) / max(buckets, 1), 1e-9)
-        return self.db.execute("""
+        return [EvalBucket(*r) for r in self.db.execute("""
             SELECT domain, AVG(step), AVG(tokens), AVG(loss) FROM eval WHERE run_id = ? AND stage = ?
             GROUP BY domain, CAST((step - ?) / ? AS INTEGER) ORDER BY domain, 2""",
-            [run_id, stage, lo, width]).fetchall()
+            [run_id, stage, lo, width])]
 
     def telemetry_recent(self, run_id: Optional[str], seconds: float = 300.0, limit: int = 5000) -> list[dict]:
         """The last `seconds` of telemetry before the newest sample (of a run, or of every run), oldest
@@ -315,8 +549,46 @@ class Store:
         return [{"run_id": r[0], "node": r[1], "kind": r[2], "idx": r[3], "ts": r[4], "metrics": json.loads(r[5])}
                 for r in reversed(rows)]
 
+    # ------------------------------------------------------------------ supervision (owned by the launch slice)
+    def claim_run(self, run_id: str, pid: int, host: str, is_alive) -> tuple[bool, dict]:
+        """Record (pid, host) as the run's supervisor unless `is_alive(row)` says another one lives
+        (atomic: BEGIN IMMEDIATE). Returns (claimed, the run's row as it was)."""
+        with self.db.conn:
+            self.db.execute("BEGIN IMMEDIATE")
+            row = self.run(run_id)
+            if row["pid"] != pid and is_alive(row):
+                return False, row
+            self.db.execute("UPDATE runs SET pid = ?, host = ?, heartbeat = ? WHERE id = ?",
+                            [pid, host, time.time(), run_id])
+        return True, row
 
-_KEY_FIELDS = frozenset(("v", "seq", "ts", "type", "stage"))
+    def last_status(self, run_id: str, stage: str, since: float) -> tuple[Optional[str], Optional[str]]:
+        """(state, reason) of the stage's newest 'status' event at or after `since`, else (None, None)."""
+        row = self.db.execute(
+            "SELECT data FROM events WHERE run_id = ? AND stage = ? AND type = 'status' AND ts >= ? "
+            "ORDER BY seq DESC LIMIT 1", [run_id, stage, since]).fetchone()
+        data = json.loads(row[0]) if row else {}
+        return data.get("state"), data.get("reason")
+
+    def active_runs(self) -> list[dict]:
+        """Runs whose status says something should be running ('running', 'queued')."""
+        return list(self.db.query("SELECT * FROM runs WHERE status IN ('running', 'queued')"))
+
+RUN_TABLES = ("metrics", "eval", "events", "stages", "telemetry", "latest_metrics")  # keyed on run_id
+_KEY_FIELDS = frozenset(("v", "seq", "ts", "type", "stage"))  # columns of `events`, not part of its data
+
+
+def _insert(table: str, record: type, verb: str = "INSERT OR IGNORE", last: str = "?") -> str:
+    """An INSERT naming the record's columns (its tuples bind in that order); `last`: the last value."""
+    return (f"{verb} INTO {table} ({', '.join(record._fields)}) VALUES ("
+            + "?, " * (len(record._fields) - 1) + last + ")")
+
+
+_INSERT_METRIC = _insert("metrics", MetricRecord)
+_INSERT_EVAL = _insert("eval", EvalRecord)
+_INSERT_EVENT = _insert("events", EventRecord)
+_INSERT_RAW_EVENT = _insert("events", EventRecord, last="json_remove(?, '$.v', '$.seq', '$.ts', '$.type', '$.stage')")
+_BY_TS = itemgetter(MetricRecord._fields.index("ts"))
 
 
 def _mean(samples: list[dict]) -> dict:

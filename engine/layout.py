@@ -8,6 +8,8 @@ nodes) and by the manager and UI, so it imports nothing heavy (no torch).
       prepare.log / .pid / .exit   the preparation process: output, adoption record, exit status
       supervisor.log           the detached supervisor's output
       vocab/                   the extended tokenizer and vocab_report.json (a `vocabulary` block)
+      base_model/              a model built from `model.config` (no `model.path`)
+      cache/                   preparation's default cache (tokenizers, sources) without --cache
       deepspeed.STAGE.json     the DeepSpeed config of a ZeRO stage
       stages/STAGE/
         stage.json             the trainer's input (engine/plan.py:stage_config)
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence = complete
+VOCAB_REPORT = "vocab_report.json"  # beside an extended tokenizer + model (RUN_DIR/vocab, its cache)
 _STEP_PREFIX = "step-"
 _TMP_STEP_PREFIX = ".tmp-step-"
 
@@ -103,7 +106,9 @@ class RunLayout:
     prepare_exit = property(lambda self: self.root / "prepare.exit")
     supervisor_log = property(lambda self: self.root / "supervisor.log")
     vocab = property(lambda self: self.root / "vocab")
-    vocab_report = property(lambda self: self.root / "vocab" / "vocab_report.json")
+    vocab_report = property(lambda self: self.root / "vocab" / VOCAB_REPORT)
+    base_model = property(lambda self: self.root / "base_model")
+    default_cache = property(lambda self: self.root / "cache")
 
     def stage(self, name: str) -> StageLayout:
         return StageLayout(self.root / "stages" / name)

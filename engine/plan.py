@@ -5,17 +5,18 @@ Pure Python + numpy (no torch): the manager and the UI use it too.
 
 from __future__ import annotations
 
-from engine.errors import UserError
-import math
 import os
 from pathlib import Path
 from typing import Optional
 
+from engine.data.builtin import BUILTINS
 from engine.data.foreign import data_notes
 from engine.data.longdocs import stage_sources
 from engine.data.mixture import plan_mixture
 from engine.data.sources import DataError, expand_path
-from engine.data.builtin import BUILTINS
+from engine.errors import UserError
+from engine.layout import RunLayout
+from engine.schedule import warmup_steps  # noqa: F401  (engine.plan.warmup_steps: API)
 from engine.spec import Preset, StageSpec
 
 STAGE_JSON_VERSION = 1
@@ -43,15 +44,6 @@ def grad_accum(stage: StageSpec, world: int, where: str = "") -> int:
                         f"{stage.global_batch_size} is not a multiple of micro_batch_size × processes = "
                         f"{stage.micro_batch_size} × {world}; change global_batch_size or micro_batch_size")
     return stage.global_batch_size // per_step
-
-
-def warmup_steps(stage: StageSpec, total_steps: int) -> int:
-    s = stage.schedule
-    if s.warmup_steps is not None:
-        return s.warmup_steps
-    if s.warmup_ratio is not None:
-        return math.ceil(s.warmup_ratio * total_steps)
-    return 0
 
 
 def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None, strict: bool = True,
@@ -193,34 +185,35 @@ def missing_paths(preset: Preset) -> list[tuple[str, str]]:
 
 
 def stage_dir(run_dir: str | Path, stage: StageSpec) -> Path:
-    return Path(run_dir) / "stages" / stage.name
+    return RunLayout(run_dir).stage(stage.name).root
 
 
 def stage_config(preset: Preset, index: int, run_dir: str | Path, prepared: dict) -> dict:
     """The JSON a trainer process reads (contract version STAGE_JSON_VERSION)."""
     st = preset.stages[index]
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     names = [s.name for s in preset.stages]
 
     def final_of(ref: str) -> str:
-        return str(stage_dir(run_dir, preset.stages[names.index(ref)]) / "final") if ref in names else expand_path(ref)
+        return str(layout.stage(ref).final) if ref in names else expand_path(ref)
 
+    previous_final = str(layout.stage(preset.stages[index - 1].name).final) if index else None
     resume_from = None
     if st.start == "previous":
-        model_dir = str(stage_dir(run_dir, preset.stages[index - 1]) / "final") if index else prepared["model_dir"]
+        model_dir = previous_final or prepared["model_dir"]
     elif st.start == "init_from":
         model_dir = final_of(st.from_)
     else:  # resume: weights and (per the flags) optimizer / scheduler state from a checkpoint
         if st.from_ in names:
-            ck = sorted((stage_dir(run_dir, preset.stages[names.index(st.from_)]) / "checkpoints").glob("step-*"),
-                        key=lambda p: int(p.name.split("-")[1]))
-            if not ck:
+            ck = layout.stage(st.from_).latest_checkpoint()  # complete ones only (trainer_state.json)
+            if ck is None:
                 raise PlanError(f"stages[{index}].from", f"stage {st.from_!r} left no checkpoint to resume from; "
                                 "set its checkpoint.every_steps")
-            resume_from = str(ck[-1])
+            resume_from = str(ck)
         else:
             resume_from = expand_path(st.from_)
-        model_dir = prepared["model_dir"] if index == 0 else str(stage_dir(run_dir, preset.stages[index - 1]) / "final")
+        model_dir = previous_final or prepared["model_dir"]
     mix = preset.mixture_of(st)
     return {
         "version": STAGE_JSON_VERSION,
@@ -233,7 +226,7 @@ def stage_config(preset: Preset, index: int, run_dir: str | Path, prepared: dict
         "resume_from": resume_from,
         "tokenizer_dir": prepared["tokenizer_dir"],
         "old_vocab_size": prepared.get("old_vocab_size"),
-        "out_dir": str(stage_dir(run_dir, st)),
+        "out_dir": str(layout.stage(st.name).root),
         # All prepared sources: the stage trains on its mixture's, and validates on every domain
         # (the forgetting monitor needs the old domains too).
         "sources": stage_sources(prepared, st.name),  # long_docs: the stage's views (engine.data.longdocs)

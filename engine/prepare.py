@@ -19,6 +19,7 @@ from engine.data.pack import write_json_atomic
 from engine.data.run import prepare_data, used_sources  # noqa: F401  (used_sources: API)
 from engine.data.sources import DataError, expand_path, read_documents
 from engine.events import EventWriter
+from engine.layout import RunLayout
 from engine.spec import Preset, PresetError, load_preset
 
 
@@ -55,7 +56,7 @@ def _base_model_dir(preset: Preset, tok_dir: Path, run_dir: Path, ev: EventWrite
 
     from engine.model import build_from_config
 
-    out = run_dir / "base_model"
+    out = RunLayout(run_dir).base_model
     if not (out / "config.json").exists():
         ev.emit("progress", step="model", message="building the model from its config")
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
@@ -69,7 +70,7 @@ def _vocabulary(preset: Preset, cache: Path, run_dir: Path, tok_dir, model_dir, 
     Returns the prepared.json fields it sets ({} when there is nothing to do)."""
     from engine.vocab import prepare_vocabulary
 
-    r = prepare_vocabulary(preset, model_dir, tok_dir, cache, run_dir / "vocab",
+    r = prepare_vocabulary(preset, model_dir, tok_dir, cache, RunLayout(run_dir).vocab,
                            log=lambda m: ev.emit("progress", step="vocabulary", message=m))
     if r is None:
         return {}
@@ -93,8 +94,9 @@ def _vocabulary(preset: Preset, cache: Path, run_dir: Path, tok_dir, model_dir, 
 
 
 def prepare(run_dir: Path, cache: Path, vocab_only: bool = False) -> dict:
-    preset = load_preset(run_dir / "preset.yaml")
-    ev = EventWriter(run_dir / "prepare" / "events.jsonl", "prepare")
+    layout = RunLayout(run_dir)
+    preset = load_preset(layout.preset)
+    ev = EventWriter(layout.prepare_events, "prepare")
     ev.emit("status", state="running")
     t0 = time.time()
     tok_dir = _tokenizer_dir(preset, cache, run_dir, ev)
@@ -108,7 +110,7 @@ def prepare(run_dir: Path, cache: Path, vocab_only: bool = False) -> dict:
     data = prepare_data(preset, tok_dir, model_dir, cache, ev.emit)  # engine.data.run
     prepared = {"tokenizer_dir": str(tok_dir), "model_dir": str(model_dir), **data, "seconds": time.time() - t0}
     prepared.update(vocab)
-    write_json_atomic(run_dir / "prepared.json", prepared)
+    write_json_atomic(layout.prepared, prepared)
     ev.emit("status", state="done")
     ev.close()
     return prepared
@@ -120,11 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=None)
     ap.add_argument("--vocab-only", action="store_true", help="only the vocabulary step (cpt-tui vocab)")
     a = ap.parse_args(argv)
-    cache = a.cache or a.run_dir / "cache"
+    cache = a.cache or RunLayout(a.run_dir).default_cache
     try:
         prepare(a.run_dir, cache, vocab_only=a.vocab_only)
     except (DataError, PresetError) as e:
-        EventWriter(a.run_dir / "prepare" / "events.jsonl", "prepare").emit("status", state="failed", reason=str(e))
+        EventWriter(RunLayout(a.run_dir).prepare_events, "prepare").emit("status", state="failed", reason=str(e))
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

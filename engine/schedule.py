@@ -11,8 +11,9 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field
+from typing import Union
 
-from engine.spec import ScheduleSpec
+from engine.spec import ScheduleSpec, StageSpec
 
 
 def lr_factor(spec: ScheduleSpec, step: int, total: int, warmup: int) -> float:
@@ -36,7 +37,10 @@ def lr_factor(spec: ScheduleSpec, step: int, total: int, warmup: int) -> float:
     return floor + (1 - floor) * (1 - progress)  # linear, wsd
 
 
-def warmup_for(spec: ScheduleSpec, total: int) -> int:
+def warmup_steps(spec: Union[ScheduleSpec, StageSpec], total: int) -> int:
+    """Warmup steps of a schedule (or a stage's schedule) over `total` steps: the one definition
+    (the plan shows it, the trainer's Schedule uses it)."""
+    spec = spec.schedule if isinstance(spec, StageSpec) else spec
     if spec.warmup_steps is not None:
         return spec.warmup_steps
     if spec.warmup_ratio is not None:
@@ -56,7 +60,7 @@ class Schedule:
 
     @property
     def warmup(self) -> int:
-        return warmup_for(self.spec, self.total - self.start)
+        return warmup_steps(self.spec, self.total - self.start)
 
     def lr(self, step: int) -> float:
         """The LR of the optimizer step with 0-based index `step`."""

@@ -12,10 +12,10 @@ With DeepSpeed (`accelerate launch --use_deepspeed --deepspeed_config_file ...`,
 from the launcher's environment) the DeepSpeed engine does gradient accumulation, clipping and
 loss scaling; the loop calls its backward/step once per micro-batch.
 
+Checkpoints: engine/checkpoint.py (Checkpointer); throughput and spikes: engine/metrics.py;
+test-only fault injection (CPT_FAULT_*): engine/faults.py.
+
 Exit codes: 0 done, 1 failed, 75 stopped by SIGTERM after a checkpoint (resumable).
-Fault injection, used only by the tests: CPT_FAULT_NAN_STEP="3,7" makes the loss of those
-(1-based) steps NaN; CPT_FAULT_KILL_STEP=k SIGKILLs every rank in the middle of step k;
-CPT_FAULT_SLOW_S=t adds t seconds to every step (time to deliver a signal).
 """
 
 from __future__ import annotations
@@ -23,28 +23,29 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
 import time
-from collections import deque
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from engine.checkpoint import CKPT_FORMAT, Checkpointer, load_weights, read_state  # noqa: F401  (CKPT_FORMAT: API)
 from engine.data.mixture import block_order, plan_mixture
-from engine.data.pack import fsync_dir, open_tokens, write_json_atomic
+from engine.data.pack import open_tokens
 from engine.events import EventWriter
+from engine.faults import Faults
+from engine.layout import StageLayout
 from engine.loss import fused_head_unsupported, install_head, linear_cross_entropy, restore_head, shifted_targets
+from engine.metrics import SpikeWatch, StepTimer
 from engine.schedule import Schedule
-from engine.spec import MixtureSpec, StageSpec
+from engine.spec import MIXED_PRECISION, MixtureSpec, StageSpec
 from engine.trainable import RowGuard, apply_patterns, apply_trainable, param_groups
 
 EXIT_STOPPED = 75
-CKPT_FORMAT = 1
 
 
 class StageData:
@@ -106,72 +107,23 @@ class Dist:
         return t.tolist()
 
 
-def _faults(name: str) -> set[int]:
-    v = os.environ.get(name, "")
-    return {int(x) for x in v.split(",") if x.strip()}
-
-
-# --------------------------------------------------------------------------- checkpoints
-#
-# checkpoints/step-N/                     (written as .tmp-step-N, renamed when complete)
-#   trainer_state.json   step, position, schedule_start, tokens_per_source, world_size, format
-#   model.safetensors    the (unwrapped; with LoRA: peft-wrapped) model      } without DeepSpeed
-#   optimizer.pt         AdamW state, [scaler.pt] fp16 loss scaler           }
-#   engine/              DeepSpeed's own checkpoint (tag "engine")           } with DeepSpeed
-#   rng-rank{r}.pt       python / numpy / torch RNG states of each rank
-# trainer_state.json is written last: a directory without it is never taken for a checkpoint.
-
-
-def _step_of(p: Path) -> int:
-    return int(p.name.split("-")[1])
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    done = sorted((p for p in ckpt_root.glob("step-*") if (p / "trainer_state.json").exists()), key=_step_of)
-    return done[-1] if done else None
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        fsync_dir(d)
-
-
-def _rng_state() -> dict:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def _set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 # --------------------------------------------------------------------------- the trainer
 
 
 class Trainer:
     def __init__(self, cfg: dict):
+        """Processes, the event log, then the checks of the stage against them. A failure after the
+        event log is open is recorded there (status failed) before it propagates."""
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
 
         self.cfg = cfg
         self.stage = st = StageSpec.model_validate(cfg["stage"])
         self.mix = MixtureSpec.model_validate(cfg["mixture"])
-        self.out = Path(cfg["out_dir"])
-        self.ckpt_root = self.out / "checkpoints"
+        self.layout = StageLayout(cfg["out_dir"])
         self.ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
         cuda = torch.cuda.is_available()
         self.notes: list[tuple[str, str]] = []
-        mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[st.precision]
+        mp = MIXED_PRECISION[st.precision]
         if not cuda and mp == "fp16":  # fp16 autocast and loss scaling need a GPU; bf16 works on CPU
             mp = "no"
             self.notes.append(("precision", "fp16 requested but no GPU: training in fp32 (use bf16 on CPU)"))
@@ -179,7 +131,22 @@ class Trainer:
         self.accelerator = Accelerator(cpu=not cuda and not self.ds, mixed_precision=mp)
         self.dist = Dist()
         self.rank, self.world = self.dist.rank, self.dist.world
-        self.ev = EventWriter(self.out / "events.jsonl", st.name, enabled=self.rank == 0)
+        self.ev = EventWriter(self.layout.events, st.name, enabled=self.rank == 0)
+        try:
+            self._configure()
+        except Exception as e:
+            self.fail(e)
+            raise
+
+    def fail(self, e: BaseException) -> None:
+        """Record an exception as the stage's end (status failed) and close the event log."""
+        self.ev.emit("status", state="failed", reason=f"{type(e).__name__}: {e}", exit_code=1)
+        self.ev.close()
+
+    def _configure(self) -> None:
+        from accelerate.utils import set_seed
+
+        cfg, st = self.cfg, self.stage
         self._check_processes()
         per_step = st.micro_batch_size * self.world
         if st.global_batch_size % per_step:
@@ -197,9 +164,9 @@ class Trainer:
         self.seed = self.mix.seed if self.mix.seed is not None else cfg["seed"] + cfg["stage_index"]
         set_seed(cfg["seed"] + cfg["stage_index"])
         self.stop_requested = False
-        self.nan_steps = _faults("CPT_FAULT_NAN_STEP")
-        self.kill_steps = _faults("CPT_FAULT_KILL_STEP")
-        self.slow = float(os.environ.get("CPT_FAULT_SLOW_S", "0"))  # seconds added to each step
+        self.faults = Faults()  # test-only (CPT_FAULT_*): nothing happens without them
+        self.ckpt = Checkpointer(self.layout, st.checkpoint, st.global_batch_size * st.seq_len, self.dist, self.ev,
+                                 deepspeed=self.ds)
 
     def _check_processes(self) -> None:
         acc = self.accelerator
@@ -246,7 +213,7 @@ class Trainer:
         else:
             self.guard = apply_trainable(model, st.trainable, old_vocab)
         if weights_from is not None:  # `start: resume` from another stage: its weights, before wrapping
-            _load_weights(model, weights_from)
+            load_weights(model, weights_from)
         # The chunked loss (engine/loss.py) when the head allows it: never the whole batch's logits.
         self.loss_kind = "standard"
         self.head = None
@@ -269,6 +236,8 @@ class Trainer:
                                  rewarmup=self.relora.rewarmup_steps if self.relora else 0)
         self.model, self.optimizer = self.accelerator.prepare(model, self.opt)
         self.unwrapped = self.model.module if self.ds else self.accelerator.unwrap_model(self.model)
+        # A plain HF config (not with LoRA) goes into checkpoints: `init_from` can point at one.
+        self.ckpt.bind(self.model, self.unwrapped, self.opt, self.accelerator.scaler, hf_config=not st.lora)
         self.val = val_blocks(cfg, st.seq_len, st.eval.max_blocks)
         self.step, self.position = 0, 0
 
@@ -281,57 +250,39 @@ class Trainer:
         return first + list(range(r.warm_start_steps + r.merge_every, self.total_steps, r.merge_every))
 
     # ------------------------------------------------------------------ state
-    def save_checkpoint(self) -> None:
-        final = self.ckpt_root / f"step-{self.step}"
-        tmp = self.ckpt_root / f".tmp-step-{self.step}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.dist.barrier()
-        if self.ds:
-            self.model.save_checkpoint(str(tmp), tag="engine")  # collective: every rank writes its partition
-        elif self.rank == 0:
-            from safetensors.torch import save_model
+    def resume(self) -> tuple[Path | None, Path | None]:
+        """Build the model, from this stage's latest checkpoint (a restart) or else the checkpoint
+        of `start: resume`. Returns (own checkpoint, other stage's checkpoint): at most one is set."""
+        self.ckpt.remove_partial()  # a checkpoint interrupted mid-write
+        own = self.ckpt.latest()
+        other = Path(self.cfg["resume_from"]) if own is None and self.cfg.get("resume_from") else None
+        self.build(weights_from=other)
+        if own is not None:
+            self.load_checkpoint(own, own=True)
+        elif other is not None:
+            self.load_checkpoint(other, own=False)
+        if self.relora:
+            self._set_phase()
+        return own, other
 
-            save_model(self.unwrapped, str(tmp / "model.safetensors"))
-            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
-            if self.accelerator.scaler is not None:
-                torch.save(self.accelerator.scaler.state_dict(), tmp / "scaler.pt")
-            if not self.stage.lora:  # a plain HF config: `init_from` can point at a checkpoint
-                self.unwrapped.config.save_pretrained(str(tmp))
-        torch.save(_rng_state(), tmp / f"rng-rank{self.rank}.pt")
-        self.dist.barrier()
-        if self.rank == 0:
-            state = {"format": CKPT_FORMAT, "step": self.step, "position": self.position,
-                     "schedule_start": self.schedule.start, "world_size": self.world, "deepspeed": self.ds,
-                     "tokens_per_source": self.data.tokens_per_source(self.position)}
-            write_json_atomic(tmp / "trainer_state.json", state)
-            _fsync_tree(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            fsync_dir(self.ckpt_root)
-            kept = sorted(self.ckpt_root.glob("step-*"), key=_step_of)
-            for old in kept[: -self.stage.checkpoint.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-            self.ev.emit("checkpoint", step=self.step, path=str(final), tokens=self.tokens)
-        self.dist.barrier()
+    def save_checkpoint(self) -> None:
+        self.ckpt.save(self.step, self.tokens, lambda: {
+            "step": self.step, "position": self.position, "schedule_start": self.schedule.start,
+            "world_size": self.world, "deepspeed": self.ds,
+            "tokens_per_source": self.data.tokens_per_source(self.position)})
 
     def load_checkpoint(self, path: Path, own: bool) -> None:
         """Own checkpoint (a restart of this stage): everything. Another stage's (`start: resume`):
         weights were loaded in build(); optimizer / schedule per load_optimizer / load_lr_scheduler.
         The step and data position are kept in both cases."""
         st = self.stage
-        state = json.loads((path / "trainer_state.json").read_text())
-        if own and not self.ds:
-            from safetensors.torch import load_model
-
-            load_model(self.unwrapped, str(path / "model.safetensors"))
-        if own or st.load_optimizer:
-            self._load_optimizer(path, own)
+        state = read_state(path)
         if own:
-            rng = path / f"rng-rank{self.rank}.pt"
-            if rng.exists():
-                _set_rng_state(torch.load(rng, weights_only=False))
+            self.ckpt.load_model(path)
+        if own or st.load_optimizer:
+            self.ckpt.load_optimizer(path, own)
+        if own:
+            self.ckpt.load_rng(path)
         self.step, self.position = state["step"], state["position"]
         self.schedule.start = state.get("schedule_start", 0) if (own or st.load_lr_scheduler) else self.step
         if self.step >= self.total_steps and not own:
@@ -340,27 +291,6 @@ class Trainer:
         if self.position + (self.total_steps - self.step) * st.global_batch_size > len(self.data):
             raise ValueError(f"resumed at block {self.position} of {len(self.data)}: this stage's mixture has too "
                              "few blocks left for its steps; raise its budget")
-
-    def _load_optimizer(self, path: Path, own: bool) -> None:
-        if self.ds and (path / "engine").is_dir():  # DeepSpeed restores module and optimizer together
-            self.model.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
-                                       load_lr_scheduler_states=False)
-        elif not self.ds and (path / "optimizer.pt").exists():
-            try:
-                self.opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-            except ValueError as e:
-                if own:
-                    raise
-                self.ev.emit("warning", kind="config", message=f"optimizer state of {path} does not fit this "
-                             f"stage's parameters ({e}); starting with a fresh optimizer")
-            if (path / "scaler.pt").exists() and self.accelerator.scaler is not None:
-                self.accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt"))
-        elif own:
-            raise RuntimeError(f"{path}: checkpoint written {'without' if self.ds else 'with'} DeepSpeed; "
-                               "restart the stage with the same zero_stage")
-        else:
-            self.ev.emit("warning", kind="config", message=f"{path} holds no optimizer state usable "
-                         f"{'with' if self.ds else 'without'} DeepSpeed; starting with a fresh optimizer")
 
     # ------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -405,81 +335,76 @@ class Trainer:
 
     def run(self) -> int:
         st = self.stage
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        self.ev.emit("status", state="starting", world_size=self.world, grad_accum=self.accum,
-                     threads=torch.get_num_threads())
-        for kind, msg in self.notes:
-            self.ev.emit("warning", kind=kind, message=msg)
-        if self.rank == 0:
-            for stale in self.ckpt_root.glob(".tmp-step-*"):  # a checkpoint interrupted mid-write
-                shutil.rmtree(stale, ignore_errors=True)
-        resumed = latest_checkpoint(self.ckpt_root)
-        other = Path(self.cfg["resume_from"]) if resumed is None and self.cfg.get("resume_from") else None
-        self.build(weights_from=other)
-        if resumed is not None:
-            self.load_checkpoint(resumed, own=True)
-        elif other is not None:
-            self.load_checkpoint(other, own=False)
-        if self.relora:
-            self._set_phase()
-        self.ev.emit("status", state="running", step=self.step, total_steps=self.total_steps, loss=self.loss_kind,
-                     resumed_from=str(resumed or other) if (resumed or other) else None)
-        if resumed is None and self.val:
-            self.evaluate()
-        ck = st.checkpoint
-        checkpointing = bool(ck.every_steps or ck.every_tokens)
-        spikes: deque = deque(maxlen=st.spike_window)
-        t_start = t_last = time.perf_counter()
-        cpu_last = time.process_time()
-        tok_last, step_last, wait, skipped = self.tokens, self.step, 0.0, 0
-        self.model.train()
+        self.start()
         while self.step < self.total_steps:
             lr = self.schedule.lr(self.step)
-            loss, grad_norm, stop, w = self.train_step(lr)
-            wait += w
+            loss, grad_norm, stop = self.train_step(lr)
             self.step += 1
             self.position += st.global_batch_size
-            if loss is None:  # non-finite: stopped, or the batch was skipped
-                if st.nan_policy == "stop" or self.ds:
-                    self.ev.emit("status", state="failed", step=self.step, exit_code=1,
-                                 reason=f"non-finite loss at step {self.step}")
-                    return 1
-                skipped += 1
-            else:
-                if len(spikes) == spikes.maxlen and loss >= st.spike_factor * (mean := sum(spikes) / len(spikes)):
-                    self.ev.emit("warning", kind="loss_spike", step=self.step, loss=loss, mean=mean,
-                                 message=f"loss {loss:.4g} >= {st.spike_factor:g} × recent mean {mean:.4g}")
-                spikes.append(loss)
+            if loss is None and (st.nan_policy == "stop" or self.ds):
+                self.ev.emit("status", state="failed", step=self.step, exit_code=1,
+                             reason=f"non-finite loss at step {self.step}")
+                return 1
+            self.watch(loss)
             if self.relora:
                 self._relora_after_step()
-            if loss is not None and (self.step % st.log_every == 0 or self.step == self.total_steps):
-                now = time.perf_counter()
-                dt = max(now - t_last, 1e-9)
-                self.ev.emit("metric", step=self.step, tokens=self.tokens, loss=loss, lr=lr, grad_norm=grad_norm,
-                             tokens_per_s=(self.tokens - tok_last) / dt, total_steps=self.total_steps,
-                             data_wait_s=wait, step_time_s=dt / max(1, self.step - step_last),
-                             cpu_s=time.process_time() - cpu_last, elapsed=now - t_start, skipped=skipped)
-                t_last, tok_last, step_last, wait, cpu_last = now, self.tokens, self.step, 0.0, time.process_time()
-            if self.val and (self.step % st.eval.every_steps == 0 or self.step == self.total_steps):
+            if loss is not None and self._every(st.log_every):
+                self.log_metrics(loss, lr, grad_norm)
+            if self.val and self._every(st.eval.every_steps):
                 self.evaluate()
-            step_tokens = st.global_batch_size * st.seq_len
-            if (ck.every_steps and self.step % ck.every_steps == 0) or (
-                    ck.every_tokens and self.tokens // ck.every_tokens != (self.tokens - step_tokens) // ck.every_tokens) \
-                    or (checkpointing and self.step == self.total_steps):
-                self.save_checkpoint()
-            elif stop:
+            if stop or self.ckpt.due(self.step, self.tokens, self.total_steps):
                 self.save_checkpoint()
             if stop:
                 self.ev.emit("status", state="stopped", step=self.step, reason="SIGTERM", exit_code=EXIT_STOPPED)
                 return EXIT_STOPPED
         self.export()
-        self.ev.emit("status", state="done", step=self.step, tokens=self.tokens, export=str(self.out / "final"),
+        self.ev.emit("status", state="done", step=self.step, tokens=self.tokens, export=str(self.layout.final),
                      exit_code=0)
         return 0
 
-    def train_step(self, lr: float) -> tuple[float | None, float | None, bool, float]:
+    def start(self) -> None:
+        """SIGTERM handling, status starting, resume (or a fresh model), status running, the
+        baseline evaluation of a fresh start, and the measurements of the loop."""
+        st = self.stage
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.ev.emit("status", state="starting", world_size=self.world, grad_accum=self.accum,
+                     threads=torch.get_num_threads())
+        for kind, msg in self.notes:
+            self.ev.emit("warning", kind=kind, message=msg)
+        own, other = self.resume()
+        self.ev.emit("status", state="running", step=self.step, total_steps=self.total_steps, loss=self.loss_kind,
+                     resumed_from=str(own or other) if (own or other) else None)
+        if own is None and self.val:  # not a restart (a fresh start, or `start: resume`): the baseline
+            self.evaluate()
+        self.spikes = SpikeWatch(st.spike_window, st.spike_factor)
+        self.timer = StepTimer(self.step, self.tokens)
+        self.skipped = 0  # batches skipped for a non-finite loss (nan_policy: skip)
+        self.model.train()
+
+    def _every(self, n: int) -> bool:
+        """Every `n` steps, and at the last step of the stage."""
+        return self.step % n == 0 or self.step == self.total_steps
+
+    def watch(self, loss: float | None) -> None:
+        """After a step: count a skipped batch (loss None), or warn of a loss spike."""
+        if loss is None:
+            self.skipped += 1
+            return
+        mean = self.spikes.check(loss)
+        if mean is not None:
+            self.ev.emit("warning", kind="loss_spike", step=self.step, loss=loss, mean=mean,
+                         message=f"loss {loss:.4g} >= {self.stage.spike_factor:g} × recent mean {mean:.4g}")
+
+    def log_metrics(self, loss: float, lr: float, grad_norm: float | None) -> None:
+        t = self.timer.lap(self.step, self.tokens)
+        self.ev.emit("metric", step=self.step, tokens=self.tokens, loss=loss, lr=lr, grad_norm=grad_norm,
+                     tokens_per_s=t.tokens_per_s, total_steps=self.total_steps, data_wait_s=t.data_wait_s,
+                     step_time_s=t.step_time_s, cpu_s=t.cpu_s, elapsed=t.elapsed, skipped=self.skipped)
+
+    def train_step(self, lr: float) -> tuple[float | None, float | None, bool]:
         """One optimizer step over the rank's share of the global batch. Returns (mean loss over the
-        whole batch, or None if non-finite; grad norm; whether any rank got SIGTERM; data wait)."""
+        whole batch, or None if non-finite; grad norm; whether any rank got SIGTERM). The time spent
+        fetching batches goes to self.timer."""
         st, acc = self.stage, self.accelerator
         mb, n = st.micro_batch_size, self.accum
         base = self.position + self.rank * mb * n
@@ -487,8 +412,7 @@ class Trainer:
             g["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float64)
         wait = 0.0
-        if self.slow:
-            time.sleep(self.slow)
+        self.faults.step_begins(self.step + 1)
         for m in range(n):
             t0 = time.perf_counter()
             x = self.data.batch(range(base + m * mb, base + (m + 1) * mb)).to(acc.device, non_blocking=True)
@@ -496,7 +420,7 @@ class Trainer:
             last = m == n - 1
             if self.ds:
                 loss = self.lm_loss(x)
-                loss = self._fault(loss, m)
+                loss = self.faults.loss(loss, self.step + 1, m)
                 self.model.backward(loss)  # DeepSpeed divides by the accumulation steps itself
                 if not last:
                     self.model.step()  # counts the micro-step; it updates only at the boundary
@@ -505,9 +429,10 @@ class Trainer:
                 with ctx:
                     with acc.autocast():
                         loss = self.lm_loss(x)
-                    loss = self._fault(loss, m)
+                    loss = self.faults.loss(loss, self.step + 1, m)
                     acc.backward(loss / n)
             loss_sum += loss.detach().double().cpu()
+        self.timer.waited(wait)
         total, stop = self.dist.sum([float(loss_sum), 1.0 if self.stop_requested else 0.0], acc.device)
         mean = total / (n * self.world)
         if not math.isfinite(mean):
@@ -516,7 +441,7 @@ class Trainer:
                          + ("batch skipped" if st.nan_policy == "skip" and not self.ds else
                             "stopping" + (" (DeepSpeed cannot skip a step)" if self.ds else "")))
             self.optimizer.zero_grad(set_to_none=True)
-            return None, None, stop > 0, wait
+            return None, None, stop > 0
         if self.ds:
             self.model.step()
             gn = self.model.get_global_grad_norm()
@@ -529,15 +454,7 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.guard.restore()
-        return mean, grad_norm, stop > 0, wait
-
-    def _fault(self, loss: torch.Tensor, micro: int) -> torch.Tensor:
-        step = self.step + 1
-        if step in self.kill_steps and micro == 0:
-            os.kill(os.getpid(), signal.SIGKILL)  # a hard crash in the middle of a step
-        if step in self.nan_steps:
-            return loss * float("nan")
-        return loss
+        return mean, grad_norm, stop > 0
 
     # ------------------------------------------------------------------ ReLoRA
     def _set_phase(self) -> None:
@@ -571,7 +488,7 @@ class Trainer:
         if self.ds and self.stage.zero_stage == 3:
             state_dict = self.accelerator.get_state_dict(self.model)  # collective gather
         if self.rank == 0:
-            final, tmp = self.out / "final", self.out / ".tmp-final"
+            final, tmp = self.layout.final, self.layout.tmp_final
             shutil.rmtree(tmp, ignore_errors=True)
             model = self.unwrapped
             restore_head(model)  # the real lm_head Linear again (same Parameter)
@@ -610,24 +527,6 @@ def _extend_context(config, seq_len: int, rope_theta: float | None) -> None:
         config.rope_theta = float(rope_theta)
 
 
-def _load_weights(model, ckpt: Path) -> None:
-    """Weights of a checkpoint (ours, or DeepSpeed's) or an HF directory into `model`, exactly."""
-    from safetensors.torch import load_model
-
-    if (ckpt / "model.safetensors").exists():
-        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
-    elif (ckpt / "engine").is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="engine")
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-    else:
-        raise FileNotFoundError(f"{ckpt}: no model.safetensors nor DeepSpeed checkpoint to resume from")
-    if unexpected or [k for k in missing if "lm_head" not in k]:  # a tied lm_head is stored once
-        raise ValueError(f"{ckpt} does not fit this stage's model (LoRA on one side only?): "
-                         f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
-
-
 def _keep_freed_memory() -> None:
     """CPU training frees and re-allocates the same large tensors every step, and glibc hands them
     back to the OS each time (munmap, heap trimming), then page-faults to get them again: ~3,500
@@ -651,15 +550,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _keep_freed_memory()
     cfg = json.loads(Path(argv[0]).read_text())
-    trainer = Trainer.__new__(Trainer)
-    trainer.ev = None
+    trainer = Trainer(cfg)  # records its own failure once its event log is open
     try:
-        trainer.__init__(cfg)
         code = trainer.run()
     except Exception as e:  # recorded, then re-raised so the traceback reaches the log
-        if trainer.ev is not None:
-            trainer.ev.emit("status", state="failed", reason=f"{type(e).__name__}: {e}", exit_code=1)
-            trainer.ev.close()
+        trainer.fail(e)
         raise
     trainer.ev.close()
     if trainer.dist.on:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal
 
 from engine.data.sources import DataError
+from engine.layout import VOCAB_REPORT
 
 __all__ = ["VocabError", "extend_vocabulary", "resize_embeddings", "prepare_vocabulary", "fertility",
            "chars_per_token", "init_kl", "changed_word_share"]
@@ -251,7 +252,7 @@ def resize_embeddings(base_model_dir: str | Path, tokenizer_dir: str | Path, out
     tok.save_pretrained(str(out_dir))
     report = {"kind": "resize", "tokens_added": len(tok) - old, "old_vocab_size": old, "new_vocab_size": len(tok),
               "padded_vocab_size": inp.shape[0], "first_new_id": old, "tied_embeddings": tied, "init": "mean of all rows"}
-    (out_dir / "vocab_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out_dir / VOCAB_REPORT).write_text(json.dumps(report, indent=2), encoding="utf-8")
     return report
 
 
@@ -426,7 +427,7 @@ def extend_vocabulary(
                "words (> 1%)")
         log(msg)
         warnings.warn(msg, stacklevel=2)
-    (out_dir / "vocab_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out_dir / VOCAB_REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     return report
 
 
@@ -509,7 +510,7 @@ def prepare_vocabulary(preset, model_dir: str | Path, tokenizer_dir: str | Path,
         "sources": {n: source_fingerprint(preset.sources[n], "") for n in names},
     }, sort_keys=True).encode()).hexdigest()[:16]
     built = cache / "vocab" / key
-    cached = (built / "vocab_report.json").exists()
+    cached = (built / VOCAB_REPORT).exists()
     if not cached:
         tmp = built.with_name(f"{key}.tmp-{os.getpid()}")  # per process: two runs may build the same key
         shutil.rmtree(tmp, ignore_errors=True)
@@ -534,10 +535,10 @@ def prepare_vocabulary(preset, model_dir: str | Path, tokenizer_dir: str | Path,
         try:
             tmp.rename(built)  # atomic: a directory with a report is complete
         except OSError:
-            if not (built / "vocab_report.json").exists():
+            if not (built / VOCAB_REPORT).exists():
                 raise
             shutil.rmtree(tmp)  # another process finished the same build first
-    report = json.loads((built / "vocab_report.json").read_text(encoding="utf-8"))
+    report = json.loads((built / VOCAB_REPORT).read_text(encoding="utf-8"))
     _link_tree(built, out_dir)
     return {"model_dir": str(out_dir), "tokenizer_dir": str(out_dir), "old_vocab_size": report["old_vocab_size"],
             "report": report, "cached": cached}

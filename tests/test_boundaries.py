@@ -48,8 +48,12 @@ def test_engine_modules_load_without_them():
 
 def test_ui_and_cli_never_import_torch():
     code = (
-        "import sys\n"
-        "import cpt_tui.cli, cpt_tui.ui.app, cpt_tui.supervisor, cpt_tui.store, cpt_tui.launch, engine.plan\n"
+        "import sys, importlib, pkgutil\n"
+        "import cpt_tui.cli, cpt_tui.ui.app, cpt_tui.supervisor, cpt_tui.store, cpt_tui.backends, cpt_tui.lifecycle, engine.plan\n"
+        "import cpt_tui.lifecycle, cpt_tui.fmt\n"
+        "for m in pkgutil.walk_packages(cpt_tui.cli.__path__, 'cpt_tui.cli.'):\n"
+        "    if m.name != 'cpt_tui.cli.__main__':\n"
+        "        importlib.import_module(m.name)\n"
         "heavy = [m for m in ('torch', 'transformers', 'accelerate', 'deepspeed') if m in sys.modules]\n"
         "print(heavy)\n"
         "sys.exit(1 if heavy else 0)\n"

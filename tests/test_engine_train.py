@@ -21,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cpt_tui.launch import build_commands
+from cpt_tui.backends import build_commands
 from engine.data.pack import open_tokens
 from engine.events import read_events, validate_log
 from engine.spec import ClusterSpec, MixtureSpec, SourceSpec, StageSpec

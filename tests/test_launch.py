@@ -1,4 +1,4 @@
-"""cpt_tui.launch: argv structure, DeepSpeed config, redaction; then real runs through a real sshd on
+"""cpt_tui.backends and cpt_tui.procs: argv structure, DeepSpeed config, redaction; then real runs through a real sshd on
 loopback (quoting/injection, preflight, no orphans) and a real 2-node gloo run in network namespaces."""
 
 from __future__ import annotations
@@ -16,9 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from cpt_tui import launch as L
-from cpt_tui.launch import (LaunchError, NodeCommand, build_commands, build_telemetry_commands, deepspeed_config,
-                            format_commands, preflight, redact, start, terminate)
+from cpt_tui import procs as L
+from cpt_tui.backends import (LaunchError, NodeCommand, build_commands, build_telemetry_commands, format_commands,
+                              preflight)
+from cpt_tui.backends.accelerate import deepspeed_config
+from cpt_tui.backends.shell import remote_script as _remote_script
+from cpt_tui.procs import start, terminate
+from cpt_tui.redact import redact
 from engine.spec import ClusterSpec, NodeSpec, StageSpec
 from tests.hosts import free_port
 
@@ -231,14 +235,14 @@ def test_remote_script_quoting_in_real_shells(tmp_path, shell):
     (home / weird).mkdir(parents=True)
     env = {"V1": "$(touch PWNED3)", "V2": "x'y\"z;`id` *", "V3": ""}
     code = "import os, json; print(json.dumps([os.getcwd(), os.environ['V1'], os.environ['V2'], os.environ['V3']]))"
-    script = L._remote_script("~/" + weird, env, PY, ["-c", code])
+    script = _remote_script("~/" + weird, env, PY, ["-c", code])
     r = subprocess.run([shell, "-c", script], capture_output=True, text=True, timeout=30, cwd=tmp_path,
                        env={"HOME": str(home), "PATH": os.environ["PATH"]})
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == [str(home / weird), *env.values()]
     assert not list(tmp_path.rglob("PWNED*"))
     # `~` alone, and an absolute path
-    r = subprocess.run([shell, "-c", L._remote_script("~", {}, PY, ["-c", "import os; print(os.getcwd())"])],
+    r = subprocess.run([shell, "-c", _remote_script("~", {}, PY, ["-c", "import os; print(os.getcwd())"])],
                        capture_output=True, text=True, timeout=30, env={"HOME": str(home), "PATH": os.environ["PATH"]})
     assert r.stdout.strip() == str(home)
 

@@ -98,3 +98,57 @@ def test_telemetry_retention_downsamples_old_samples(tmp_path):
     assert len(raw) == 1 and raw[0]["metrics"] == {"cpu_percent": 9.0}
     assert s.downsample_telemetry("r1", before=now - 3600) == 0  # nothing left to do
     assert json.loads(json.dumps(rows))  # JSON-able for the UI
+
+
+def test_migration_3_strips_the_key_fields_of_old_ingested_events(tmp_path):
+    db = tmp_path / "v2.db"
+    con = sqlite3.connect(db)
+    for mig in MIGRATIONS[:2]:
+        for sql in mig:
+            con.execute(sql)
+    con.execute("PRAGMA user_version = 2")
+    engine_line = json.dumps(metric("s1", 1, 1, 10.0))  # what ingest stored before version 3: the whole line
+    con.execute("INSERT INTO events VALUES ('old', 's1', 1, 10.0, 'metric', ?)", [engine_line])
+    con.execute("INSERT INTO events VALUES ('old', '@run', 1, 9.0, 'status', ?)", [json.dumps({"state": "running"})])
+    con.commit()
+    con.close()
+    with Store(db) as s:
+        assert s.version() == SCHEMA_VERSION >= 3
+        evs = {e.stage: e for e in s.events("old")}
+        assert evs["s1"].data == {k: v for k, v in metric("s1", 1, 1, 10.0).items()
+                                  if k not in ("v", "seq", "ts", "type", "stage")}
+        assert evs["@run"].data == {"state": "running"}
+        assert [e["loss"] for e in s.events_after("old") if e["stage"] == "s1"] == [2.0]
+
+
+def test_ingest_and_add_event_store_the_same_encoding(tmp_path):
+    with Store(tmp_path / "db") as s:
+        make_run(s)
+        recs = [metric("s1", 1, 1, 1.0), {"v": 1, "seq": 2, "ts": 2.0, "type": "status", "stage": "s1", "state": "done"}]
+        s.ingest("r1", recs[:1], raw=[json.dumps(recs[0])])  # the supervisor's path: raw lines
+        s.ingest("r1", recs[1:])  # re-encoded
+        s.add_event("r1", "@run", "status", state="done")
+        evs = s.events("r1")
+        assert [e.data for e in evs][1:] == [{"state": "done"}, {"state": "done"}]
+        assert set(evs[0].data) == {"step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "total_steps"}
+        assert [e.type for e in s.events("r1", skip_types=("metric",))] == ["status", "status"]
+
+
+def test_rows_are_typed_and_read_like_dicts(tmp_path):
+    s = Store(tmp_path / "db")
+    with s:
+        make_run(s)
+        s.ingest("r1", [metric("s1", 1, 1, 1.0)])
+        run, (stage,), (m,) = s.run("r1"), s.stages("r1"), s.metrics("r1")
+        assert run.status == run["status"] == run.get("status") == "queued" and run.get("nope", 7) == 7
+        assert (stage.name, stage["steps_total"], m.loss, m["step"]) == ("s1", 10, 2.0, 1)
+        assert list(dict(run))[:3] == ["id", "preset", "preset_path"] and "last_loss" not in run
+        assert s.runs()[0]["last_loss"] == 2.0 and json.dumps(dict(s.runs()[0]))
+        assert s.history_rowid("r1", 0) == s.last_rowid("r1") and s.history_rowid("r1", 5) == 0
+        s.delete_run("r1")
+        assert s.run("r1") is None and s.metrics("r1") == [] and s.events("r1") == []
+    try:
+        s.version()
+        raise AssertionError("the store is still open")
+    except sqlite3.ProgrammingError:
+        pass  # closed on leaving the with block

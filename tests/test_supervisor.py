@@ -22,7 +22,7 @@ import termios
 import time
 from pathlib import Path
 
-from cpt_tui.supervisor import proc_alive
+from cpt_tui.procs import proc_alive
 from engine.events import read_events
 from tests.demo_run import ROOT, run_cli, tiny_preset, wait_for
 

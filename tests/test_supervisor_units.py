@@ -12,7 +12,8 @@ import time
 import pytest
 
 from cpt_tui import lifecycle as L
-from cpt_tui import supervisor as S
+from cpt_tui import procs as P
+from cpt_tui import redact as R
 from cpt_tui.presets import Invalid
 from tests.demo_run import run_cli, wait_for
 
@@ -32,43 +33,43 @@ def test_plan_commands_is_a_dry_run_that_writes_nothing(cpt_home, tmp_path):
 
 def test_supervisor_alive_checks_pid_identity_and_heartbeat():
     me = {"id": "r1", "pid": os.getpid(), "host": socket.gethostname(), "heartbeat": time.time()}
-    assert not S.supervisor_alive(me)  # alive, but not a supervisor of r1 (a reused pid)
-    assert not S.supervisor_alive({**me, "pid": None})
+    assert not P.supervisor_alive(me)  # alive, but not a supervisor of r1 (a reused pid)
+    assert not P.supervisor_alive({**me, "pid": None})
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "cpt_tui.supervisor", "r1"])
     try:
-        wait_for(lambda: "cpt_tui.supervisor" in S._cmdline(p.pid), 10, "the child to exec")
-        assert S.supervisor_alive({**me, "pid": p.pid})
-        assert not S.supervisor_alive({**me, "id": "r2", "pid": p.pid})
+        wait_for(lambda: "cpt_tui.supervisor" in P._cmdline(p.pid), 10, "the child to exec")
+        assert P.supervisor_alive({**me, "pid": p.pid})
+        assert not P.supervisor_alive({**me, "id": "r2", "pid": p.pid})
     finally:
         p.kill()
         p.wait()
-    assert not S.supervisor_alive({**me, "pid": p.pid})
+    assert not P.supervisor_alive({**me, "pid": p.pid})
     other = {**me, "host": "elsewhere"}  # another host: only the heartbeat can tell
-    assert S.supervisor_alive(other)
-    assert not S.supervisor_alive({**other, "heartbeat": time.time() - S.STALE_S - 1})
+    assert P.supervisor_alive(other)
+    assert not P.supervisor_alive({**other, "heartbeat": time.time() - P.STALE_S - 1})
 
 
 def test_adopted_proc_reports_exit_file_or_lost(tmp_path):
-    p = subprocess.Popen([sys.executable, "-c", S._KEEPER, str(tmp_path / "exit"), sys.executable, "-c",
+    p = subprocess.Popen([sys.executable, "-c", P._KEEPER, str(tmp_path / "exit"), sys.executable, "-c",
                           "import sys; sys.exit(7)"], start_new_session=True)
-    proc = S.Proc("local", p.pid, S.proc_start(p.pid), time.time(), str(tmp_path / "exit"))
+    proc = P.Proc("local", p.pid, P.proc_start(p.pid), time.time(), str(tmp_path / "exit"))
     p.wait()
     assert proc.poll() == 7  # read from the keeper's exit file, as a re-adopting supervisor does
     q = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
-    lost = S.Proc("local", q.pid, S.proc_start(q.pid), time.time(), str(tmp_path / "none"))
+    lost = P.Proc("local", q.pid, P.proc_start(q.pid), time.time(), str(tmp_path / "none"))
     assert lost.poll() is None
-    assert S.Proc("local", q.pid, 1, time.time(), None).poll() == S.LOST  # same pid, other start time: not ours
+    assert P.Proc("local", q.pid, 1, time.time(), None).poll() == P.LOST  # same pid, other start time: not ours
     q.kill()
     q.wait()
-    assert lost.poll() == S.LOST
-    assert S.Proc(**lost.to_json()).to_json() == lost.to_json()
+    assert lost.poll() == P.LOST
+    assert P.Proc(**lost.to_json()).to_json() == lost.to_json()
 
 
 def test_scrub_and_secret_values(monkeypatch):
     env = {"HF_TOKEN": "hf_abcdef", "MY_PASSWORD": "pw12345", "PATH": "/usr/bin", "API_KEY": "xy"}
-    vals = S.secret_values(None, env)
+    vals = R.secret_values(None, env)
     assert vals == ["hf_abcdef", "pw12345"]  # too-short values are not worth masking everywhere
-    assert S.scrub("token hf_abcdef and pw12345 in /usr/bin", vals) == "token *** and *** in /usr/bin"
+    assert R.scrub("token hf_abcdef and pw12345 in /usr/bin", vals) == "token *** and *** in /usr/bin"
 
 
 def test_start_detached_validates_before_creating_anything(cpt_home, tmp_path, monkeypatch):

@@ -6,21 +6,15 @@ asked). All of these block: call them from worker threads.
 from __future__ import annotations
 
 import shutil
-import sqlite3
 from pathlib import Path
-
-RUN_TABLES = ("metrics", "eval", "events", "stages", "telemetry", "latest_metrics")
 
 
 def stop_run(db_path: Path, run_id: str) -> str:
     from cpt_tui import lifecycle as S
     from cpt_tui.store import Store
 
-    store = Store(db_path)
-    try:
+    with Store(db_path) as store:
         return S.request_stop(store, run_id)
-    finally:
-        store.close()
 
 
 def resume_run(db_path: Path, run_id: str) -> str:
@@ -35,26 +29,14 @@ def delete_run(db_path: Path, run_id: str, with_files: bool = False) -> str:
     from cpt_tui import lifecycle as S
     from cpt_tui.store import TERMINAL, Store
 
-    store = Store(db_path, readonly=True)
-    try:
+    with Store(db_path, readonly=True) as store:
         run = store.run(run_id)
-    finally:
-        store.close()
     if run is None:
         return "no such run"
     if run["status"] not in TERMINAL and S.supervisor_alive(run):
         raise RuntimeError(f"run {run_id} is {run['status']}: stop it first")
-    conn = sqlite3.connect(str(db_path), timeout=30, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        for t in RUN_TABLES:
-            if t in tables:
-                conn.execute(f"DELETE FROM {t} WHERE run_id = ?", [run_id])
-        conn.execute("DELETE FROM runs WHERE id = ?", [run_id])
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
+    with Store(db_path) as store:
+        store.delete_run(run_id)
     if with_files and run["run_dir"] and Path(run["run_dir"]).is_dir():
         shutil.rmtree(run["run_dir"])
         return "deleted with its directory"

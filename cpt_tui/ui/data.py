@@ -11,49 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from cpt_tui.fmt import fmt_duration, fmt_num, fmt_si, fmt_time, progress_bar
 from cpt_tui.store import Store
+from engine.layout import RunLayout
 
 RUN_COLUMNS = ("run", "status", "preset", "stage", "progress", "tokens", "loss", "tok/s", "ETA", "nodes", "started")
-
-
-# --------------------------------------------------------------------------- formatting
-
-
-def fmt_num(x, nd: int = 3) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.{nd}f}" if isinstance(x, float) else f"{x:,}"
-
-
-def fmt_si(x) -> str:
-    """1234567 → 1.23M."""
-    if x is None:
-        return "-"
-    for div, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= div:
-            return f"{x / div:.3g}{unit}"
-    return f"{x:.0f}" if isinstance(x, float) else str(x)
-
-
-def fmt_duration(seconds: Optional[float]) -> str:
-    if seconds is None or seconds != seconds or seconds == math.inf:
-        return "-"
-    s = int(round(seconds))
-    if s >= 86400:
-        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s"
-
-
-def progress_bar(fraction: float, width: int = 10) -> str:
-    fraction = min(max(fraction, 0.0), 1.0)
-    full = int(fraction * width)
-    return "█" * full + "░" * (width - full) + f" {fraction:4.0%}"
-
-
-def fmt_time(ts: Optional[float]) -> str:
-    return time.strftime("%m-%d %H:%M", time.localtime(ts)) if ts else "-"
 
 
 # --------------------------------------------------------------------------- runs
@@ -75,7 +37,7 @@ def _nodes_of(run: dict, cache: dict) -> str:
     label = run.get("host") or "local"
     try:
         import yaml
-        data = yaml.safe_load((Path(run["run_dir"]) / "preset.yaml").read_text())
+        data = yaml.safe_load(RunLayout(run["run_dir"]).preset.read_text())
         cluster = (data or {}).get("cluster") or {}
         if cluster.get("kind") == "ssh":
             hosts = [n.get("host", "?") for n in cluster.get("nodes", [])]
@@ -199,26 +161,22 @@ def load_curves(store: Store, run_id: str, buckets: int = 400) -> Curves:
 
 def recent_events(store: Store, run_id: str, limit: int = 200) -> list[tuple[str, str, str, str]]:
     """(time, stream, type, summary) of the latest events, skipping per-step metrics."""
-    rows = store.db.execute(
-        "SELECT ts, stage, type, data FROM events WHERE run_id = ? AND type != 'metric' ORDER BY rowid DESC LIMIT ?",
-        [run_id, limit]).fetchall()
     out = []
-    for ts, stage, typ, data in reversed(rows):
-        d = json.loads(data) if data else {}
-        d.pop("commands", None)
-        summary = " ".join(f"{k}={v}" for k, v in d.items() if not isinstance(v, (dict, list)))
-        out.append((time.strftime("%H:%M:%S", time.localtime(ts)), stage, typ, summary[:160]))
+    for e in store.events(run_id, limit, skip_types=("metric",)):
+        summary = " ".join(f"{k}={v}" for k, v in e.data.items() if k != "commands" and not isinstance(v, (dict, list)))
+        out.append((time.strftime("%H:%M:%S", time.localtime(e.ts)), e.stage, e.type, summary[:160]))
     return out
 
 
 def log_tail(run: dict, stages: list[dict], max_bytes: int = 16384, lines: int = 60) -> tuple[str, str]:
     """(file name, last lines) of the current stage's trainer log (or the preparation/supervisor log)."""
-    run_dir = Path(run["run_dir"])
+    layout = RunLayout(run["run_dir"])
+    run_dir = layout.root
     cur = run.get("current_stage")
     cands = []
     if cur is not None and cur < len(stages):
-        cands.append(run_dir / "stages" / stages[cur]["name"] / "train.log")
-    cands += [run_dir / "prepare.log", run_dir / "supervisor.log"]
+        cands.append(layout.stage(stages[cur]["name"]).log)
+    cands += [layout.prepare_log, layout.supervisor_log]
     for p in cands:
         if p.exists():
             with open(p, "rb") as f:
@@ -259,21 +217,16 @@ def node_telemetry(store: Store, run_id: Optional[str], seconds: float = 600.0) 
 
 def measured_tps(store: Optional[Store], preset: str) -> Optional[float]:
     """Throughput of the latest run of this preset that logged any (for pre-launch ETAs)."""
-    if store is None:
-        return None
-    row = store.db.execute(
-        "SELECT m.tokens_per_s FROM runs r JOIN metrics m ON m.run_id = r.id WHERE r.preset = ? "
-        "AND m.tokens_per_s > 0 ORDER BY m.ts DESC LIMIT 1", [preset]).fetchone()
-    return row[0] if row else None
+    return None if store is None else store.latest_tokens_per_s(preset)
 
 
 def prepared_tokens(store: Optional[Store], preset: str) -> dict[str, int]:
     """Training tokens per source from the newest prepared run of this preset (its prepared.json)."""
     if store is None:
         return {}
-    for (run_dir,) in store.db.execute("SELECT run_dir FROM runs WHERE preset = ? ORDER BY created DESC", [preset]):
+    for run_dir in store.run_dirs(preset):
         try:
-            prepared = json.loads((Path(run_dir) / "prepared.json").read_text())
+            prepared = json.loads(RunLayout(run_dir).prepared.read_text())
             return {n: s["train_tokens"] for n, s in prepared.get("sources", {}).items() if "train_tokens" in s}
         except (OSError, ValueError, KeyError, TypeError):
             continue

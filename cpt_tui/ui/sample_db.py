@@ -4,18 +4,19 @@ benchmark, and a live-run simulator (a writer appending metric rows as a supervi
     python -m cpt_tui.ui.sample_db build DB          # the fixed sample runs
     python -m cpt_tui.ui.sample_db live DB RUN_ID    # append metrics to RUN_ID until killed
 
-Rows go through plain SQL on a `Store` (so the schema is the real one, migrations included).
+Rows go through the Store as a supervisor writes them (`ingest` of engine-style event records), so
+the schema and the encoding are the real ones; the big benchmark run inserts metric rows directly.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
-from cpt_tui.store import Store
+from cpt_tui.store import EvalRecord, MetricRecord, Store
+from engine.layout import RunLayout
 
 T0 = 1735689600.0  # 2025-01-01 00:00 UTC
 DONE, LIVE, FAILED = "20250101-000000-tiny-demo-a1b2", "20250102-000000-tiny-demo-c3d4", "20250103-000000-ddp-e5f6"
@@ -36,68 +37,52 @@ def loss_at(global_step: float, stage_idx: int) -> float:
     return base + wiggle + (0.6 * math.exp(-(global_step - 96) / 10.0) if stage_idx else 0.0)
 
 
-def _insert_stage(c, run_id, stage, idx, steps, upto, ts0, offset, log_every=4, eval_every=24):
+def _stage_records(stage, idx, steps, upto, ts0, offset, log_every=4, eval_every=24) -> list[dict]:
+    """The stage's metric and eval events, as the engine writes them."""
     seq = 0
-    met, ev, evl = [], [], []
+    recs = []
     for step in range(log_every, upto + 1, log_every):
         seq += 1
         g = offset + step
         ts = ts0 + step * 0.35
         lr = 3e-3 * min(1.0, step / 10) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
-        row = dict(step=step, tokens=step * TOK_PER_STEP, loss=loss_at(g, idx), lr=lr, grad_norm=1.0,
-                   tokens_per_s=23000.0 + 500 * math.sin(step))
-        met.append((run_id, stage, seq, ts, row["step"], row["tokens"], row["loss"], row["lr"], 1.0,
-                    row["tokens_per_s"]))
-        ev.append((run_id, stage, seq, ts, "metric", json.dumps(row)))
+        recs.append(dict(stage=stage, seq=seq, ts=ts, type="metric", step=step, tokens=step * TOK_PER_STEP,
+                         loss=loss_at(g, idx), lr=lr, grad_norm=1.0, tokens_per_s=23000.0 + 500 * math.sin(step)))
         if step % eval_every == 0:
             for d, (a, b) in {"prose": (0.0, 0.0), "code": (0.4, 0.0012 * idx)}.items():
                 seq += 1
                 l = loss_at(g, 0) + a + (0.5 if d == "prose" and idx else 0) - b * step
-                evl.append((run_id, stage, seq, ts, step, step * TOK_PER_STEP, d, l))
-                ev.append((run_id, stage, seq, ts, "eval", json.dumps({"step": step, "domain": d, "loss": l})))
-    c.executemany("INSERT INTO metrics VALUES (?,?,?,?,?,?,?,?,?,?)", met)
-    c.executemany("INSERT INTO eval VALUES (?,?,?,?,?,?,?,?)", evl)
-    c.executemany("INSERT INTO events VALUES (?,?,?,?,?,?)", ev)
-    if met and _has(c, "latest_metrics"):
-        last = met[-1]
-        c.execute("INSERT OR REPLACE INTO latest_metrics VALUES (?,?,?,?,?,?,?,?,?)", (*last[:8], last[9]))
-
-
-def _has(c, table: str) -> bool:
-    return bool(c.execute("SELECT 1 FROM sqlite_master WHERE name = ?", [table]).fetchone())
+                recs.append(dict(stage=stage, seq=seq, ts=ts, type="eval", step=step, tokens=step * TOK_PER_STEP,
+                                 domain=d, loss=l))
+    return recs
 
 
 def _run(store: Store, run_id, preset, status, stages, progress, t0, run_dir_root: Path, error=None, host="sample"):
-    run_dir = run_dir_root / run_id
-    (run_dir / "stages").mkdir(parents=True, exist_ok=True)
-    store.create_run(run_id, preset, f"presets/{preset}.yaml", str(run_dir), _plan(stages), host)
-    c = store.db.conn
+    layout = RunLayout(run_dir_root / run_id)
+    (layout.root / "stages").mkdir(parents=True, exist_ok=True)
+    store.create_run(run_id, preset, f"presets/{preset}.yaml", str(layout.root), _plan(stages), host)
     offset, cur = 0, 0
-    c.execute("BEGIN")
     for idx, (name, kind, steps) in enumerate(stages):
         upto = min(steps, max(0, progress - offset))
         st_status = "done" if upto == steps else ("pending" if upto == 0 else ("failed" if error else status))
         if upto:
             cur = idx
-            _insert_stage(c, run_id, name, idx, steps, upto, t0 + offset * 0.4, offset)
-            (run_dir / "stages" / name).mkdir(exist_ok=True)
-            (run_dir / "stages" / name / "train.log").write_text(
+            store.ingest(run_id, _stage_records(name, idx, steps, upto, t0 + offset * 0.4, offset))
+            st = layout.stage(name)
+            st.root.mkdir(exist_ok=True)
+            st.log.write_text(
                 "".join(f"[{name}] step {s}/{steps} loss {loss_at(offset + s, idx):.4f}\n" for s in range(4, upto + 1, 4)))
-        c.execute("UPDATE stages SET status = ?, step = ?, tokens = ?, started = ?, finished = ? "
-                  "WHERE run_id = ? AND idx = ?",
-                  [st_status, upto or None, upto * TOK_PER_STEP or None, t0 + offset * 0.4 if upto else None,
-                   t0 + (offset + steps) * 0.4 if st_status == "done" else None, run_id, idx])
+        store.update_stage(run_id, idx, status=st_status, step=upto or None, tokens=upto * TOK_PER_STEP or None,
+                           started=t0 + offset * 0.4 if upto else None,
+                           finished=t0 + (offset + steps) * 0.4 if st_status == "done" else None)
         offset += steps
-    c.execute("UPDATE runs SET status = ?, started = ?, finished = ?, current_stage = ?, error = ?, heartbeat = ? "
-              "WHERE id = ?", [status, t0, t0 + 80 if status in ("done", "failed") else None, cur, error, t0 + 60,
-                               run_id])
-    for i, (typ, data) in enumerate([("status", {"state": "running"}), ("status", {"state": "stage_started"})]):
-        c.execute("INSERT INTO events VALUES (?,?,?,?,?,?)", [run_id, "@run", i + 1, t0 + i, typ, json.dumps(data)])
-    if status != "running":
-        c.execute("INSERT INTO events VALUES (?,?,?,?,?,?)",
-                  [run_id, "@run", 3, t0 + 80, "status", json.dumps({"state": status, **({"reason": error} if error else {})})])
-    c.execute("COMMIT")
-    (run_dir / "preset.yaml").write_text(f"name: {preset}\ncluster: {{kind: local}}\n")
+    store.update_run(run_id, status=status, started=t0, finished=t0 + 80 if status in ("done", "failed") else None,
+                     current_stage=cur, error=error, heartbeat=t0 + 60)
+    states = ["running", "stage_started"] + ([status] if status != "running" else [])
+    store.ingest(run_id, [{"stage": "@run", "seq": i + 1, "ts": t0 + (80 if i == 2 else i), "type": "status",
+                           "state": state, **({"reason": error} if error and i == 2 else {})}
+                          for i, state in enumerate(states)])
+    layout.preset.write_text(f"name: {preset}\ncluster: {{kind: local}}\n")
 
 
 def _telemetry(store: Store, run_id: str, t0: float, n: int = 60) -> None:
@@ -140,20 +125,15 @@ def build_big(db_path: str | Path, n_points: int = 1_000_000, run_id: str = "big
         store.create_run(run_id, "big", "", str(db_path.parent / "runs" / run_id),
                          {"stages": [{"index": i, "name": f"s{i}", "kind": "cpt", "steps": half, "tokens": half * 4096}
                                      for i in range(2)]}, "bench")
-        c = store.db.conn
-        c.execute("BEGIN")
         for s in range(2):
-            c.executemany("INSERT INTO metrics VALUES (?,?,?,?,?,?,?,?,?,?)",
-                          ((run_id, f"s{s}", i, T0 + s * half + i, i, i * 4096,
-                            2.5 + 3 * math.exp(-(s * half + i) / 2e5) + 0.05 * math.sin(i), 1e-4, 1.0, 5e4)
-                           for i in range(1, half + 1)))
-            c.executemany("INSERT INTO eval VALUES (?,?,?,?,?,?,?,?)",
-                          ((run_id, f"s{s}", half + 2 * i + j, T0 + s * half + i, i, i * 4096, d, 3.0 - j / 2 - i / half)
-                           for i in range(1000, half + 1, 1000) for j, d in enumerate(("en", "code"))))
-        c.execute("UPDATE stages SET status = 'done', step = steps_total, tokens = tokens_total WHERE run_id = ?",
-                  [run_id])
-        c.execute("UPDATE runs SET status = 'done', started = ?, current_stage = 1 WHERE id = ?", [T0, run_id])
-        c.execute("COMMIT")
+            store.insert_metrics(
+                (MetricRecord(run_id, f"s{s}", i, T0 + s * half + i, i, i * 4096,
+                              2.5 + 3 * math.exp(-(s * half + i) / 2e5) + 0.05 * math.sin(i), 1e-4, 1.0, 5e4)
+                 for i in range(1, half + 1)),
+                (EvalRecord(run_id, f"s{s}", half + 2 * i + j, T0 + s * half + i, i, i * 4096, d, 3.0 - j / 2 - i / half)
+                 for i in range(1000, half + 1, 1000) for j, d in enumerate(("en", "code"))))
+            store.update_stage(run_id, s, status="done", step=half, tokens=half * 4096)
+        store.update_run(run_id, status="done", started=T0, current_stage=1)
     finally:
         store.close()
     return run_id
@@ -163,26 +143,18 @@ def live(db_path: str | Path, run_id: str, interval: float = 0.5, steps: int = 1
     """Append one metric row every `interval` s to the running stage of `run_id` (simulated trainer +
     supervisor), updating the stage's step/tokens as the supervisor does."""
     store = Store(db_path)
-    c = store.db.conn
     stages = store.stages(run_id)
     idx = next(i for i, s in enumerate(stages) if s["status"] == "running")
     st = stages[idx]
     step = st["step"] or 0
-    seq = c.execute("SELECT COALESCE(MAX(seq), 0) FROM events WHERE run_id = ? AND stage = ?",
-                    [run_id, st["name"]]).fetchone()[0]
+    seq = max((e["seq"] for e in store.events_after(run_id) if e["stage"] == st["name"]), default=0)
     for _ in range(steps):
         step += 4
         seq += 1
-        ts = time.time()
-        row = (run_id, st["name"], seq, ts, step, step * TOK_PER_STEP, loss_at(96 + step, idx), 1e-3, 1.0, 23000.0)
-        c.execute("BEGIN IMMEDIATE")
-        c.execute("INSERT INTO metrics VALUES (?,?,?,?,?,?,?,?,?,?)", row)
-        c.execute("INSERT INTO events VALUES (?,?,?,?,?,?)", [*row[:4], "metric", json.dumps({"step": step})])
-        if _has(c, "latest_metrics"):
-            c.execute("INSERT OR REPLACE INTO latest_metrics VALUES (?,?,?,?,?,?,?,?,?)", (*row[:8], row[9]))
-        c.execute("UPDATE stages SET step = ?, tokens = ? WHERE run_id = ? AND idx = ?",
-                  [step, step * TOK_PER_STEP, run_id, idx])
-        c.execute("COMMIT")
+        store.ingest(run_id, [dict(stage=st["name"], seq=seq, ts=time.time(), type="metric", step=step,
+                                   tokens=step * TOK_PER_STEP, loss=loss_at(96 + step, idx), lr=1e-3, grad_norm=1.0,
+                                   tokens_per_s=23000.0)])
+        store.update_stage(run_id, idx, step=step, tokens=step * TOK_PER_STEP)
         time.sleep(interval)
 
 

@@ -32,6 +32,7 @@ from engine.data.foreign import ForeignReader, is_foreign
 from engine.data.shards import ShardWriter, TokenStream
 from engine.data.sources import Counters, DataError, Position, SourceReader, source_files
 from engine.data.tokenize import EncodePool, default_workers
+from engine.faults import prep_kill_after
 from engine.spec import SourceSpec
 
 FORMAT_VERSION = 2
@@ -338,7 +339,7 @@ def _prepare_locked(spec, name, tokenizer, out, fp, tok_fp, progress, pool) -> d
     start_bytes, start_tokens = state["bytes"], state["train_tokens"] + state["val_tokens"]
     fsync_dir(out)
 
-    kill_after = int(os.environ["CPT_FAULT_PREP_KILL_AFTER"]) if os.environ.get("CPT_FAULT_PREP_KILL_AFTER") else None
+    kill_after = prep_kill_after()  # engine/faults.py
 
     def commit(meta: dict) -> None:
         for w in (train, val, bounds):

@@ -14,9 +14,9 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.widgets import DataTable, Header, Label, Static, TabbedContent, TabPane
 
+from cpt_tui.fmt import fmt_si
 from cpt_tui.store import TERMINAL, Store
-from cpt_tui.ui.data import (Curves, NodeTelemetry, ema, fmt_si, load_curves, log_tail,
-                             node_telemetry, recent_events)
+from cpt_tui.ui.data import Curves, NodeTelemetry, ema, load_curves, log_tail, node_telemetry, recent_events
 from cpt_tui.ui.plot import Chart, Series, sparkline
 from cpt_tui.ui.widgets import STATUS_STYLE, KeysFooter, PollingScreen, stage_timeline
 

@@ -44,16 +44,14 @@ def launchable(preset_ref: str, target: str) -> Path:
 
 
 def dry_run(preset_path: Path) -> str:
-    from cpt_tui import launch
+    from cpt_tui import backends
     from cpt_tui.presets import load_checked
     from engine.plan import format_plan
 
     path, preset, plan = load_checked(str(preset_path), check_paths=False)
     out = [format_plan(plan)]
-    for st in preset.stages:
-        cmds = launch.build_commands(preset.cluster, st, f"<run_dir>/stages/{st.name}/stage.json", "<run_dir>",
-                                     write_configs=False)
-        out.append(f"\n# commands for stage {st.name}:\n{launch.format_commands(cmds)}")
+    for name, text in backends.dry_run(preset).items():
+        out.append(f"\n# commands for stage {name}:\n{text}")
     return "\n".join(out)
 
 

@@ -10,8 +10,9 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import Header, RichLog
 
-from cpt_tui.ui.widgets import KeysFooter
 from cpt_tui.store import Store
+from cpt_tui.ui.widgets import KeysFooter
+from engine.layout import RunLayout
 
 FOLLOW_S = 1.0
 
@@ -42,16 +43,13 @@ class LogScreen(Screen):
     @work(thread=True, group="logs")
     def _read(self) -> None:
         try:
-            store = Store(self.app.db_path, readonly=True)
-            try:
+            with Store(self.app.db_path, readonly=True) as store:
                 run = store.run(self.run_id)
                 stages = store.stages(self.run_id) if run else []
-            finally:
-                store.close()
             if run is None:
                 return
             d = Path(run["run_dir"])
-            files = [d / "supervisor.log", d / "prepare.log"] + [d / "stages" / s["name"] / "train.log" for s in stages]
+            files = RunLayout(d).logs([s["name"] for s in stages])
             chunks = []
             for f in files:
                 if not f.exists():

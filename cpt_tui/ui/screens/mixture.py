@@ -16,7 +16,8 @@ from textual.widgets import Button, DataTable, Header, Input, Label, Select
 
 from engine.data.mixture import plan_mixture
 from engine.spec import MixtureSpec
-from cpt_tui.ui.data import estimate_tokens, fmt_si, prepared_tokens
+from cpt_tui.fmt import fmt_si
+from cpt_tui.ui.data import estimate_tokens, prepared_tokens
 from cpt_tui.ui.draft import Draft, parse_value
 from cpt_tui.ui.widgets import KeysFooter, Note
 

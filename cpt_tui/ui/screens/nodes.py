@@ -15,7 +15,8 @@ from textual.widgets import DataTable, Header, Label, Static
 
 from cpt_tui import paths
 from cpt_tui.store import Store
-from cpt_tui.ui.data import NodeTelemetry, fmt_si, node_telemetry
+from cpt_tui.fmt import fmt_si
+from cpt_tui.ui.data import NodeTelemetry, node_telemetry
 from cpt_tui.ui.plot import sparkline
 from cpt_tui.ui.widgets import KeysFooter, PollingScreen
 

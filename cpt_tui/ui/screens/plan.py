@@ -15,7 +15,8 @@ from textual.screen import Screen
 from textual.widgets import Button, DataTable, Header, Input, Label, Select, Static
 
 from engine.plan import PlanError, resolve
-from cpt_tui.ui.data import fmt_duration, fmt_si, measured_tps, prepared_tokens
+from cpt_tui.fmt import fmt_duration, fmt_si
+from cpt_tui.ui.data import measured_tps, prepared_tokens
 from cpt_tui.ui.draft import TEMPLATES, Draft, get_path, parse_value, set_path
 from cpt_tui.ui.widgets import KeysFooter, Note
 

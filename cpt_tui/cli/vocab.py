@@ -16,13 +16,9 @@ import time
 from pathlib import Path
 
 from cpt_tui import paths
-
-EXIT_FAILED, EXIT_INVALID = 1, 2
-
-
-def _invalid(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return EXIT_INVALID
+from cpt_tui.cli.common import EXIT_FAILED, EXIT_INVALID
+from cpt_tui.presets import Invalid, load_checked
+from engine.layout import RunLayout
 
 
 def _needed_paths_missing(preset) -> list[tuple[str, str]]:
@@ -35,22 +31,21 @@ def _needed_paths_missing(preset) -> list[tuple[str, str]]:
     return [(yp, msg) for yp, msg in missing_paths(preset) if yp in keep]
 
 
-def cmd_vocab(a, load_checked) -> int:
-    """`load_checked` is cpt_tui.cli's, passed in: under `python -m cpt_tui.cli` that module is
-    __main__, and importing it again here would make a second, uncaught `Invalid` class."""
+def cmd_vocab(a) -> int:
     from cpt_tui.lifecycle import engine_env as _engine_env
     from engine.spec import preset_error_at
 
     path, preset, _ = load_checked(a.preset, check_paths=False)
     if preset.vocabulary is None:
-        return _invalid(f"{path}: the preset has no `vocabulary` block: nothing to extend")
+        raise Invalid(f"{path}: the preset has no `vocabulary` block: nothing to extend")
     missing = _needed_paths_missing(preset)
     if missing:
         yp, msg = missing[0]
-        return _invalid(str(preset_error_at(path, yp, msg)) + "\n  (fix this path; nothing was started)")
+        raise Invalid(str(preset_error_at(path, yp, msg)) + "\n  (fix this path; nothing was started)")
     out = Path(a.out) if a.out else paths.home() / "vocab" / f"{time.strftime('%Y%m%d-%H%M%S')}-{preset.name}"
+    layout = RunLayout(out)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, out / "preset.yaml")
+    shutil.copyfile(path, layout.preset)
     if not a.json:
         print(f"vocabulary extension for {preset.name} in {out} ...", flush=True)
     argv = [sys.executable, "-m", "engine.prepare", str(out), "--cache", str(paths.cache_dir()), "--vocab-only"]
@@ -59,18 +54,18 @@ def cmd_vocab(a, load_checked) -> int:
     if r.returncode == EXIT_INVALID:  # bad input: engine.prepare's last words are "error: <message>"
         lines = r.stderr.splitlines()
         first = max((i for i, l in enumerate(lines) if l.startswith("error: ")), default=0)
-        return _invalid("\n".join(lines[first:]).removeprefix("error: ").strip())
+        raise Invalid("\n".join(lines[first:]).removeprefix("error: ").strip())
     if r.returncode:
         tail = "\n".join(r.stderr.strip().splitlines()[-12:])
         print(f"error: the vocabulary step failed (exit {r.returncode}); log: {out / 'vocab.log'}\n{tail}",
               file=sys.stderr)
         return EXIT_FAILED
-    report = json.loads((out / "vocab" / "vocab_report.json").read_text(encoding="utf-8"))
+    report = json.loads(layout.vocab_report.read_text(encoding="utf-8"))
     if a.json:
-        print(json.dumps({"dir": str(out / "vocab"), "report": report}, indent=1, ensure_ascii=False))
+        print(json.dumps({"dir": str(layout.vocab), "report": report}, indent=1, ensure_ascii=False))
     else:
         print(format_report(report))
-        print(f"\nextended model + tokenizer: {out / 'vocab'}")
+        print(f"\nextended model + tokenizer: {layout.vocab}")
     return 0
 
 

@@ -1,5 +1,4 @@
-"""`cpt-tui prep PRESET`: data preparation alone, with a progress bar; and the cache lookup that lets
-`cpt-tui plan` show epochs per source once the data is prepared.
+"""`cpt-tui prep PRESET`: data preparation alone, with a progress bar.
 
 Preparation runs as `python -m engine.prepare` in a subprocess (this process never imports torch
 or transformers) in `$CPT_TUI_HOME/prep/<preset>/`, against the shared cache: a later `--run`
@@ -10,7 +9,6 @@ of the same preset finds every source prepared. Exit codes: 0 ok, 2 bad data / i
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,46 +16,22 @@ import time
 from pathlib import Path
 
 from cpt_tui import paths
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def plan_with_cache(preset, plan: dict) -> dict:
-    """The plan resolved with the token counts of already-prepared sources (all of them), else unchanged."""
-    from engine.data.run import cached_train_tokens, used_sources
-    from engine.plan import PlanError, resolve
-
-    tokens = cached_train_tokens(preset, paths.cache_dir())
-    if not tokens or set(used_sources(preset)) - set(tokens):
-        return plan
-    try:
-        out = resolve(preset, tokens, strict=False)  # too little data for a step: a warning in the table
-    except PlanError:
-        return plan
-    out["prepared_from_cache"] = True
-    return out
+from cpt_tui.fmt import SI_PREFIXES, fmt_hms, fmt_si
+from cpt_tui.presets import load_checked
+from engine.layout import RunLayout
 
 
 def _env(workers: int | None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    from cpt_tui.lifecycle import engine_env
+
+    env = engine_env()
     if workers:
         env["CPT_PREP_WORKERS"] = str(workers)
     return env
 
 
 def _si(x: float, unit: str = "") -> str:
-    for k, s in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= k:
-            return f"{x / k:.1f}{s}{unit}"
-    return f"{x:.0f}{unit}"
-
-
-def _hms(s: float) -> str:
-    s = int(max(0, s))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return fmt_si(x, unit, spec=".1f", prefixes=SI_PREFIXES[1:])  # one decimal, up to G
 
 
 class ProgressBar:
@@ -80,7 +54,7 @@ class ProgressBar:
                  f"{_si(r.get('tokens_this_run', r.get('tokens', 0)) / el)} tok/s")
         if r.get("total_bytes"):
             self._line = (f"[{r['source']}] {'█' * fill}{'░' * (self.width - fill)} {frac:4.0%}  {_si(done, 'B')}/"
-                          f"{_si(total, 'B')}  {_si(bps, 'B/s')}  {rates}  ETA {_hms(eta)}")
+                          f"{_si(total, 'B')}  {_si(bps, 'B/s')}  {rates}  ETA {fmt_hms(eta)}")
         else:  # a built-in corpus: its size is not known in advance
             self._line = f"[{r['source']}] {r.get('documents', 0):,} documents  {rates}"
         now = time.time()
@@ -99,20 +73,20 @@ class ProgressBar:
 
 
 def cmd_prep(a) -> int:
-    from cpt_tui.cli import load_checked
     from engine.events import read_events
 
     path, preset, _ = load_checked(a.preset, check_paths=True)
-    prep_dir = paths.home() / "prep" / preset.name
+    layout = RunLayout(paths.home() / "prep" / preset.name)  # laid out like a run directory
+    prep_dir = layout.root
     prep_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(path, prep_dir / "preset.yaml")
-    events = prep_dir / "prepare" / "events.jsonl"
+    shutil.copyfile(path, layout.preset)
+    events = layout.prepare_events
     offset = events.stat().st_size if events.exists() else 0
     argv = [sys.executable, "-m", "engine.prepare", str(prep_dir), "--cache", str(paths.cache_dir())]
     bar = ProgressBar()
     t0 = time.time()
     failed_reason = None
-    with open(prep_dir / "prepare.log", "ab") as log:
+    with open(layout.prepare_log, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=_env(getattr(a, "workers", None)))
         try:
@@ -136,10 +110,10 @@ def cmd_prep(a) -> int:
             proc.wait()
             raise
     if code != 0:
-        reason = failed_reason or _tail(prep_dir / "prepare.log")
+        reason = failed_reason or _tail(layout.prepare_log)
         print(f"error: data preparation failed (exit {code}): {reason}", file=sys.stderr)
         return 2 if code == 2 else 1
-    prepared = json.loads((prep_dir / "prepared.json").read_text())
+    prepared = json.loads(layout.prepared.read_text())
     print(f"prepared {len(prepared['sources'])} source(s) in {time.time() - t0:.1f}s (cache {paths.cache_dir()})")
     print(f"  {'source':<24} {'train tokens':>16} {'val tokens':>12} {'documents':>12} {'skipped':>9}")
     for name, s in prepared["sources"].items():

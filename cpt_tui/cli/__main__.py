@@ -1,0 +1,7 @@
+"""`python -m cpt_tui.cli`."""
+
+import sys
+
+from cpt_tui.cli import main
+
+sys.exit(main())

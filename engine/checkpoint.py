@@ -1,0 +1,208 @@
+"""A stage's checkpoints: when one is due, writing one atomically, finding and reading the latest.
+
+    checkpoints/step-N/                     (written as .tmp-step-N, renamed when complete)
+      trainer_state.json   format, step, position, schedule_start, world_size, deepspeed, tokens_per_source
+      model.safetensors    the (unwrapped; with LoRA: peft-wrapped) model      } without DeepSpeed
+      optimizer.pt         AdamW state, [scaler.pt] fp16 loss scaler           }
+      config.json          a plain HF config (not with LoRA): `init_from` can point at a checkpoint
+      engine/              DeepSpeed's own checkpoint (tag "engine")           } with DeepSpeed
+      rng-rank{r}.pt       python / numpy / torch RNG states of each rank
+    trainer_state.json is written last: a directory without it is never taken for a checkpoint
+    (engine/layout.py names the paths and decides what is complete).
+
+Writing is collective: every rank calls `save`, with the trainer's barriers in a fixed order
+(rank 0 makes the directory | barrier | every rank writes | barrier | rank 0 commits | barrier).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from engine.data.pack import fsync_dir, write_json_atomic
+from engine.layout import TRAINER_STATE, StageLayout
+from engine.spec import CheckpointSpec
+
+CKPT_FORMAT = 1
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def rng_state() -> dict:
+    """This process's python / numpy / torch (and CUDA) RNG states."""
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        fsync_dir(d)
+
+
+def read_state(path: Path) -> dict:
+    """The trainer_state.json of a checkpoint."""
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def load_weights(model, ckpt: Path) -> None:
+    """Weights of a checkpoint (ours, or DeepSpeed's) or an HF directory into `model`, exactly."""
+    from safetensors.torch import load_model
+
+    if (ckpt / "model.safetensors").exists():
+        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+    elif (ckpt / "engine").is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="engine")
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    else:
+        raise FileNotFoundError(f"{ckpt}: no model.safetensors nor DeepSpeed checkpoint to resume from")
+    if unexpected or [k for k in missing if "lm_head" not in k]:  # a tied lm_head is stored once
+        raise ValueError(f"{ckpt} does not fit this stage's model (LoRA on one side only?): "
+                         f"missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}")
+
+
+# --------------------------------------------------------------------------- the checkpointer
+
+
+class Checkpointer:
+    """The checkpoints of one stage, for one process of its job.
+
+    `dist` gives rank and barrier(); `ev` the event log (rank 0 writes); `deepspeed`: the model is a
+    DeepSpeed engine that saves and loads its own (partitioned) module and optimizer state.
+    What is saved is set by `bind` once the model and optimizer exist."""
+
+    def __init__(self, layout: StageLayout, spec: CheckpointSpec, tokens_per_step: int, dist, ev,
+                 deepspeed: bool):
+        self.layout, self.spec, self.tokens_per_step = layout, spec, tokens_per_step
+        self.dist, self.ev, self.ds = dist, ev, deepspeed
+        self.model = self.unwrapped = self.optimizer = self.scaler = None
+        self.hf_config = False
+
+    def bind(self, model, unwrapped, optimizer, scaler, hf_config: bool) -> None:
+        """model: as wrapped (the DeepSpeed engine saves itself); unwrapped: the module whose
+        weights go to model.safetensors; optimizer: the torch optimizer; hf_config: also save the
+        model's config.json."""
+        self.model, self.unwrapped, self.optimizer, self.scaler = model, unwrapped, optimizer, scaler
+        self.hf_config = hf_config
+
+    # ------------------------------------------------------------------ cadence
+    @property
+    def enabled(self) -> bool:
+        return bool(self.spec.every_steps or self.spec.every_tokens)
+
+    def due(self, step: int, tokens: int, total_steps: int) -> bool:
+        """Whether the step just done (1-based `step`, `tokens` consumed so far) ends with a
+        checkpoint: every `every_steps`, on crossing a multiple of `every_tokens`, and at the end
+        of the stage if the stage checkpoints at all."""
+        s = self.spec
+        if s.every_steps and step % s.every_steps == 0:
+            return True
+        if s.every_tokens and tokens // s.every_tokens != (tokens - self.tokens_per_step) // s.every_tokens:
+            return True
+        return self.enabled and step == total_steps
+
+    # ------------------------------------------------------------------ finding
+    def latest(self) -> Optional[Path]:
+        """The newest complete checkpoint of this stage, or None."""
+        return self.layout.latest_checkpoint()
+
+    def remove_partial(self) -> None:
+        """Rank 0: delete checkpoints interrupted mid-write (.tmp-step-N)."""
+        if self.dist.rank == 0:
+            for stale in self.layout.tmp_checkpoints():
+                shutil.rmtree(stale, ignore_errors=True)
+
+    # ------------------------------------------------------------------ writing
+    def save(self, step: int, tokens: int, state: Callable[[], dict]) -> Path:
+        """Collective: write checkpoints/step-`step`. `state()` (called on rank 0 only) gives the
+        trainer_state.json fields besides `format`. Prunes to the newest `keep_last`."""
+        rank, final, tmp = self.dist.rank, self.layout.checkpoint(step), self.layout.tmp_checkpoint(step)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        if self.ds:
+            self.model.save_checkpoint(str(tmp), tag="engine")  # collective: every rank writes its partition
+        elif rank == 0:
+            from safetensors.torch import save_model
+
+            save_model(self.unwrapped, str(tmp / "model.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            if self.scaler is not None:
+                torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
+            if self.hf_config:
+                self.unwrapped.config.save_pretrained(str(tmp))
+        torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+        self.dist.barrier()
+        if rank == 0:
+            write_json_atomic(tmp / TRAINER_STATE, {"format": CKPT_FORMAT, **state()})
+            fsync_tree(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            fsync_dir(self.layout.checkpoints)
+            for old in self.layout.all_checkpoints()[: -self.spec.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+            self.ev.emit("checkpoint", step=step, path=str(final), tokens=tokens)
+        self.dist.barrier()
+        return final
+
+    # ------------------------------------------------------------------ reading
+    def load_model(self, path: Path) -> None:
+        """The weights of one of our own checkpoints into the bound model (without DeepSpeed; with
+        it, load_optimizer restores module and optimizer together)."""
+        if not self.ds:
+            from safetensors.torch import load_model
+
+            load_model(self.unwrapped, str(path / "model.safetensors"))
+
+    def load_optimizer(self, path: Path, own: bool) -> None:
+        """Optimizer (and loss scaler) state. `own`: a checkpoint of this stage, which must fit;
+        another stage's that does not fit is a warning and a fresh optimizer."""
+        if self.ds and (path / "engine").is_dir():  # DeepSpeed restores module and optimizer together
+            self.model.load_checkpoint(str(path), tag="engine", load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+        elif not self.ds and (path / "optimizer.pt").exists():
+            try:
+                self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+            except ValueError as e:
+                if own:
+                    raise
+                self.ev.emit("warning", kind="config", message=f"optimizer state of {path} does not fit this "
+                             f"stage's parameters ({e}); starting with a fresh optimizer")
+            if (path / "scaler.pt").exists() and self.scaler is not None:
+                self.scaler.load_state_dict(torch.load(path / "scaler.pt"))
+        elif own:
+            raise RuntimeError(f"{path}: checkpoint written {'without' if self.ds else 'with'} DeepSpeed; "
+                               "restart the stage with the same zero_stage")
+        else:
+            self.ev.emit("warning", kind="config", message=f"{path} holds no optimizer state usable "
+                         f"{'with' if self.ds else 'without'} DeepSpeed; starting with a fresh optimizer")
+
+    def load_rng(self, path: Path) -> None:
+        """This rank's RNG states, if the checkpoint has them."""
+        rng = path / f"rng-rank{self.dist.rank}.pt"
+        if rng.exists():
+            set_rng_state(torch.load(rng, weights_only=False))
