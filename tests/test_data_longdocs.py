@@ -4,7 +4,6 @@ reports available / realised shares and warns past max_repeats."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
