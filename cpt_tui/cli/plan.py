@@ -12,14 +12,16 @@ from cpt_tui.presets import Invalid, load_checked
 
 def plan_with_cache(preset, plan: dict) -> dict:
     """The plan resolved with the token counts of already-prepared sources (all of them), else unchanged."""
-    from engine.data.run import cached_train_tokens, used_sources
+    from engine.data.run import cached_long_docs, cached_train_tokens, used_sources
     from engine.plan import PlanError, resolve
 
-    tokens = cached_train_tokens(preset, paths.cache_dir())
+    cache = paths.cache_dir()
+    tokens = cached_train_tokens(preset, cache)
     if not tokens or set(used_sources(preset)) - set(tokens):
         return plan
+    long_docs = cached_long_docs(preset, cache) if any(st.long_docs for st in preset.stages) else None
     try:
-        out = resolve(preset, tokens, strict=False)  # too little data for a step: a warning in the table
+        out = resolve(preset, tokens, strict=False, long_docs=long_docs)  # too little data for a step: a warning in the table
     except PlanError:
         return plan
     out["prepared_from_cache"] = True
