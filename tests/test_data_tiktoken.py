@@ -1,7 +1,8 @@
 """The tiktoken path of preparation's tokenization (engine.data.tiktoken_bpe) gives exactly the Rust
 tokenizer's ids, document by document, for GPT-2 style, Llama 3 / Qwen 2 style (Split + ByteLevel,
 NFC), gap-leaving and production-size (≥ 100k) byte-level BPE tokenizers; documents it cannot vouch
-for (added tokens, characters outside its safe ranges, lone surrogates) go to the Rust tokenizer;
+for (added tokens, characters outside its probed set: unassigned, private use, lone surrogates) go to
+the Rust tokenizer;
 a wrong rank table or a disagreeing regex is caught at start-up; unsupported tokenizers (and
 patterns that leave gaps) get no fast path; the shards are byte-identical with the path on and off."""
 
@@ -39,6 +40,7 @@ TEXTS = [
 ] + make_docs(50, seed=3)
 
 ASCII_TEXT, CJK_TEXT, ADDED_TEXT, EMOJI_TEXT = TEXTS[0], TEXTS[4], TEXTS[8], TEXTS[5]
+PRIVATE_TEXT = "private use \ue000 and unassigned \u0378 characters"
 
 
 def _with(spec_json: str, pre: dict, normalizer=None) -> str:
@@ -112,8 +114,9 @@ def test_tiktoken_ids_equal_the_tokenizers(variant, data_tok_dir, big_tok_json):
         taken += got is not None
     assert taken > len(TEXTS)
     # the path takes ordinary text, and leaves added tokens and unsafe characters to Rust
-    assert fast.ids(ASCII_TEXT) is not None and fast.ids(CJK_TEXT) is not None
-    assert fast.ids(ADDED_TEXT) is None and fast.ids(EMOJI_TEXT) is None
+    for t in (ASCII_TEXT, CJK_TEXT, EMOJI_TEXT):
+        assert fast.ids(t) is not None
+    assert fast.ids(ADDED_TEXT) is None and fast.ids(PRIVATE_TEXT) is None and fast.ids("lone \ud800") is None
     # whole batches through the Encoder: same flat tokens and lengths as without the fast path
     args = (js, 0, 1, "uint32" if variant.startswith("big") else "uint16")
     a, b = Encoder(*args, fast=True), Encoder(*args)
@@ -129,12 +132,12 @@ def test_a_wrong_rank_table_is_caught_at_start_up(big_tok_json, data_tok_dir):
         d, why = derive(json.loads(js))
         assert d is not None, why
         if len(d.ranks) < 1000:  # (the right table of the big one passes in the test above)
-            assert verify(tok, TiktokenBPE(d)) == ""
+            assert verify(tok, TiktokenBPE(d))[0] == ""
         # swap the ranks of two frequent multi-byte tokens (" the"/" in" in the big one)
         multi = sorted((i, b) for b, i in d.ranks.items() if len(b) > 1)
         (i, x), (j, y) = multi[0], multi[1]
         d.ranks[x], d.ranks[y] = j, i
-        assert verify(tok, TiktokenBPE(d)) != ""
+        assert verify(tok, TiktokenBPE(d))[0] != ""
     # ids that do not follow merge order: refused before any encoding
     spec = json.loads((data_tok_dir / "tokenizer.json").read_text())
     merges = spec["model"]["merges"]
@@ -171,7 +174,7 @@ def test_refused_for_other_tokenizers(data_tok_dir, monkeypatch):
     d, _ = derive(json.loads(gappy))
     assert TiktokenBPE(d).ids("word") is not None and TiktokenBPE(d).ids("two words") is None
     monkeypatch.setenv("CPT_PREP_FAST", "0")
-    assert fast_path_ok(((data_tok_dir / "tokenizer.json").read_text(), 0, 1, "uint16")) == (False, "CPT_PREP_FAST=0")
+    assert fast_path_ok(((data_tok_dir / "tokenizer.json").read_text(), 0, 1, "uint16")) == (False, "CPT_PREP_FAST=0", ())
 
 
 def test_a_disagreement_the_startup_checks_missed_stops_preparation(data_tok_dir):

@@ -34,12 +34,13 @@ token stream is a pure function of the documents.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import unicodedata
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -48,19 +49,39 @@ SWITCH = "CPT_PREP_FAST=0"  # the environment setting that turns this path off (
 # The GPT-2 pattern of tokenizers' ByteLevel pre-tokenizer (use_regex=True).
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-# Characters for which the path is used: ASCII, Latin (incl. Extended-A/B and IPA), Greek,
-# Cyrillic, Armenian, Hebrew, Arabic, Devanagari, Thai, Georgian, Hangul Jamo, general punctuation
-# (spaces U+2000-U+200A included), CJK symbols, kana, CJK ideographs, Hangul syllables.
-# Outside them (rare scripts, astral planes, surrogates, controls whose class is version dependent)
-# a document goes to the Rust tokenizer. The start-up probe checks every one of them.
-SAFE_RANGES = [(0x0009, 0x000D), (0x0020, 0x007E), (0x00A0, 0x02AF), (0x0370, 0x03FF), (0x0400, 0x052F),
-               (0x0531, 0x0557), (0x0559, 0x058A), (0x05D0, 0x05EA), (0x0600, 0x06FF), (0x0900, 0x097F), (0x0E00, 0x0E5B),
-               (0x10A0, 0x10FF), (0x1100, 0x11FF), (0x2000, 0x200A), (0x2010, 0x2027), (0x2030, 0x205E),
-               (0x3000, 0x303F), (0x3040, 0x30FF), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0xFF01, 0xFF5E)]
-_UNSAFE = re.compile("[^" + "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in SAFE_RANGES) + "]")
-_ASCII_SAFE = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")  # the ASCII characters outside SAFE_RANGES
+# Characters for which the path may be used: every assigned character of the BMP (by this Python's
+# Unicode database; surrogates and private use excluded) and the emoji / symbol and mathematical
+# alphanumeric blocks of plane 1. The start-up probe checks every one of them in context; the few
+# on which the two regex engines (or the two Unicode versions) disagree are excluded for that
+# tokenizer, and a document with an excluded or any other character goes to the Rust tokenizer.
+CANDIDATE_BLOCKS = [(0x0000, 0xD7FF), (0xF900, 0xFFFD), (0x1D400, 0x1D7FF), (0x1F000, 0x1FAFF)]
+MAX_EXCLUDED = 500  # more disagreeing characters than this: the path is refused altogether
 
-PROBE_VERSION = 1  # bump when the probe changes: cached verdicts are then recomputed
+
+def candidate_chars() -> list[int]:
+    return [c for a, b in CANDIDATE_BLOCKS for c in range(a, b + 1)
+            if unicodedata.category(chr(c)) not in ("Cn", "Cs", "Co")]
+
+
+def _ranges(cps: list[int]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for c in sorted(cps):
+        if out and c == out[-1][1] + 1:
+            out[-1][1] = c
+        else:
+            out.append([c, c])
+    return [(a, b) for a, b in out]
+
+
+def _unsafe_regex(excluded: frozenset) -> tuple[re.Pattern, Optional[re.Pattern]]:
+    """(a character outside the safe set, an ASCII character outside it or None)."""
+    safe = [c for c in candidate_chars() if c not in excluded]
+    cls = "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in _ranges(safe))
+    bad_ascii = [c for c in range(128) if c not in set(safe)]
+    return re.compile(f"[^{cls}]"), (re.compile("[" + "".join(f"\\x{c:02x}" for c in bad_ascii) + "]") if bad_ascii else None)
+
+
+PROBE_VERSION = 2  # bump when the probe changes: cached verdicts are then recomputed
 
 
 def byte_decoder() -> dict[str, int]:
@@ -154,11 +175,10 @@ def derive(spec: dict) -> tuple[Optional[Derivation], str]:
                       bool(model.get("ignore_merges"))), ""
 
 
-def probe_contexts() -> list[str]:
+def probe_contexts(chars: list[str]) -> list[str]:
     """Every safe character in the contexts the patterns tell apart: inside a letter run, a digit
     run, a white-space run, a punctuation run, after an apostrophe, around line breaks."""
-    chars = [chr(c) for a, b in SAFE_RANGES for c in range(a, b + 1)]
-    return [f"a{c}b {c}{c}x 1{c}2 '{c} '{c}{c} {c}\n{c}\r\n {c}  {c}\t{c} " for c in chars] + ["  end \n\n  "]
+    return [f"a{c}b {c}{c}x 1{c}2 '{c} '{c}{c} {c}\n{c}\r\n {c}  {c}\t{c} " for c in chars]
 
 
 PROBE_CHUNK = 256  # contexts per probe text (the tokenizer is slow on one huge text)
@@ -186,20 +206,27 @@ def _probe_key(tokenizer_json: str) -> str:
     import tiktoken
     import tokenizers
     k = (f"{hashlib.sha256(tokenizer_json.encode()).hexdigest()}|{tiktoken.__version__}|{tokenizers.__version__}"
-         f"|{unicodedata.unidata_version}|{SAFE_RANGES}|{PROBE_VERSION}")
+         f"|{unicodedata.unidata_version}|{CANDIDATE_BLOCKS}|{MAX_EXCLUDED}|{PROBE_VERSION}")
     return hashlib.sha256(k.encode()).hexdigest()[:24]
+
+
+@functools.lru_cache(maxsize=8)
+def _unsafe_cached(excluded: frozenset):
+    return _unsafe_regex(excluded)
 
 
 class TiktokenBPE:
     """ids of documents through tiktoken (uint32 arrays), or None where a document must go to Rust."""
 
-    def __init__(self, d: Derivation):
+    def __init__(self, d: Derivation, excluded: Iterable[int] = ()):
         import tiktoken
 
         self.d = d
         self.enc = tiktoken.Encoding("cpt-tui", pat_str=d.pattern, mergeable_ranks=d.ranks, special_tokens={})
         self._core = self.enc._core_bpe  # encode_to_tiktoken_buffer: releases the GIL, no Python ints
         self._none: set = set()
+        self.excluded = frozenset(excluded)
+        self._unsafe, self._ascii_unsafe = _unsafe_cached(self.excluded)
         added = sorted(set(d.added), key=len, reverse=True)
         self._added = re.compile("|".join(map(re.escape, added))) if added else None
         n = max(d.ranks.values()) + 1
@@ -208,8 +235,10 @@ class TiktokenBPE:
             self.byte_len[i] = len(b)
 
     @classmethod
-    def build(cls, tok, tokenizer_json: str, check: bool = True) -> tuple[Optional["TiktokenBPE"], str]:
-        """(the path, "") or (None, why not). check=False: the caller already verified this tokenizer."""
+    def build(cls, tok, tokenizer_json: str, check=True) -> tuple[Optional["TiktokenBPE"], str]:
+        """(the path, "") or (None, why not). check: True runs the start-up check (`verify_cached`);
+        a collection of code points: the caller checked, these are the characters it excluded;
+        False: no check (tests of the check itself)."""
         try:
             import tiktoken  # noqa: F401
         except ImportError:
@@ -221,26 +250,28 @@ class TiktokenBPE:
         if d is None:
             return None, why
         try:
-            fast = cls(d)
+            fast = cls(d, () if check is True or check is False else check)
         except Exception as e:  # e.g. a pattern fancy-regex does not read
             return None, f"tiktoken refuses the derivation ({e})"
-        if check:
-            why = verify_cached(tok, tokenizer_json, fast)
+        if check is True:
+            why, excluded = verify_cached(tok, tokenizer_json, fast)
             if why:
                 return None, why
+            if excluded:
+                fast = cls(d, excluded)
         return fast, ""
 
     def ids(self, text: str) -> Optional[np.ndarray]:
         """The document's ids (uint32), or None: it goes to the Rust tokenizer."""
         ascii_ = text.isascii()
         if ascii_:
-            if _ASCII_SAFE.search(text):
+            if self._ascii_unsafe is not None and self._ascii_unsafe.search(text):
                 return None
-        elif _UNSAFE.search(text):
+        elif self._unsafe.search(text):
             return None
         elif self.d.nfc and not unicodedata.is_normalized("NFC", text):
             text = unicodedata.normalize("NFC", text)
-            if _UNSAFE.search(text):
+            if self._unsafe.search(text):
                 return None
         if self._added is not None and self._added.search(text):
             return None
@@ -250,8 +281,9 @@ class TiktokenBPE:
         return out
 
 
-def verify(tok, fast: TiktokenBPE) -> str:
-    """"" when tiktoken with this derivation gives the Rust tokenizer's ids, else what differs."""
+def verify(tok, fast: TiktokenBPE) -> tuple[str, list[int]]:
+    """("", excluded characters) when tiktoken with this derivation gives the Rust tokenizer's ids,
+    else (what differs, [])."""
     d = fast.d
     if not d.ignore_merges:
         inv = {v: k for k, v in byte_decoder().items()}
@@ -259,31 +291,38 @@ def verify(tok, fast: TiktokenBPE) -> str:
             if len(b) > 1:
                 got = [t.id for t in tok.model.tokenize("".join(inv[x] for x in b))]
                 if got != [i]:
-                    return f"the BPE of token {i}'s own bytes is {got[:8]}, not [{i}] (tiktoken would return {i})"
-    ctx = probe_contexts()
+                    return f"the BPE of token {i}'s own bytes is {got[:8]}, not [{i}] (tiktoken would return {i})", []
+    chars = [chr(c) for c in candidate_chars() if c not in fast.excluded]
+    ctx = probe_contexts(chars)
     probe = ["".join(ctx[i:i + PROBE_CHUNK]) for i in range(0, len(ctx), PROBE_CHUNK)]
     got = [fast.ids(t) for t in probe]
-    if sum(g is not None for g in got) < 0.9 * len(probe):  # e.g. a pattern that leaves gaps
-        return "most of the probe text does not go through the path"
-    texts = probe + SAMPLES + [" " + s.upper() for s in SAMPLES] + ["\n".join(SAMPLES) * 3]
-    got += [fast.ids(t) for t in texts[len(probe):]]
-    for g0 in range(0, len(texts), 16):  # in groups: a difference stops the check early
-        ref = [e.ids for e in tok.encode_batch_fast(texts[g0:g0 + 16], add_special_tokens=False)]
+    if sum(g is not None for g in got) < 0.8 * len(probe):  # e.g. a pattern that leaves gaps
+        return "most of the probe text does not go through the path", []
+    excluded: list[int] = []
+    for g0 in range(0, len(probe), 16):
+        ref = [e.ids for e in tok.encode_batch_fast(probe[g0:g0 + 16], add_special_tokens=False)]
         for k, r in enumerate(ref, g0):
-            if got[k] is None and k < len(probe):
-                # a chunk the path does not take (with NFC, a few safe characters compose or map
-                # outside the ranges): its contexts one by one, so the others are still checked
-                sub = ctx[k * PROBE_CHUNK:(k + 1) * PROBE_CHUNK]
-                sref = [e.ids for e in tok.encode_batch_fast(sub, add_special_tokens=False)]
-                for c, cr in zip(sub, sref):
-                    why = _compare(fast, c, cr)
-                    if why:
-                        return why
+            if got[k] is not None and not _compare(fast, probe[k], r, got[k]):
                 continue
-            why = _compare(fast, texts[k], r, got[k])
-            if why:
-                return why
-    return ""
+            # a chunk that differs, or that the path does not take (with NFC a few characters
+            # compose or map outside the set): its contexts one by one
+            sub = ctx[k * PROBE_CHUNK:(k + 1) * PROBE_CHUNK]
+            sref = [e.ids for e in tok.encode_batch_fast(sub, add_special_tokens=False)]
+            bad = [chars[k * PROBE_CHUNK + j] for j, (c, cr) in enumerate(zip(sub, sref)) if _compare(fast, c, cr)]
+            if got[k] is not None and not bad:
+                return f"probe text {k} differs but none of its characters alone does: {_compare(fast, probe[k], r, got[k])}", []
+            excluded += map(ord, bad)
+        if len(excluded) > MAX_EXCLUDED:
+            return f"the tokenizer and tiktoken disagree on more than {MAX_EXCLUDED} characters (e.g. {chr(excluded[0])!r})", []
+    fast = TiktokenBPE(d, set(excluded) | fast.excluded) if excluded else fast
+    texts = SAMPLES + [" " + s.upper() for s in SAMPLES] + ["\n".join(SAMPLES) * 3]
+    texts += ["".join(ctx[i:i + PROBE_CHUNK]) for i in range(0, len(ctx), PROBE_CHUNK * 16)]  # after exclusion
+    ref = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]
+    for t, r in zip(texts, ref):
+        why = _compare(fast, t, r)
+        if why:
+            return why, []
+    return "", sorted(set(excluded) | fast.excluded)
 
 
 def _compare(fast: TiktokenBPE, t: str, r: list[int], got=False) -> str:
@@ -298,7 +337,7 @@ def _compare(fast: TiktokenBPE, t: str, r: list[int], got=False) -> str:
     return ""
 
 
-def verify_cached(tok, tokenizer_json: str, fast: TiktokenBPE) -> str:
+def verify_cached(tok, tokenizer_json: str, fast: TiktokenBPE) -> tuple[str, list[int]]:
     """`verify`, its verdict kept per tokenizer and library versions in ~/.cache/cpt-tui (seconds for 100k+ vocabularies)."""
     key = _probe_key(tokenizer_json)
     path = _cache_file()
@@ -306,18 +345,19 @@ def verify_cached(tok, tokenizer_json: str, fast: TiktokenBPE) -> str:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    if isinstance(known.get(key), str):
-        return known[key]
+    v = known.get(key)
+    if isinstance(v, dict) and isinstance(v.get("why"), str) and isinstance(v.get("excluded"), list):
+        return v["why"], v["excluded"]
     try:
-        why = verify(tok, fast)
+        why, excluded = verify(tok, fast)
     except Exception as e:
-        why = f"the check failed ({e})"
+        why, excluded = f"the check failed ({e})", []
     try:  # best effort: an unwritable cache only costs the check next time
-        known[key] = why
+        known[key] = {"why": why, "excluded": excluded}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(known))
         os.replace(tmp, path)
     except OSError:
         pass
-    return why
+    return why, excluded

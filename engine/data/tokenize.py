@@ -30,19 +30,20 @@ VERIFY_EVERY = 64  # the fast path's sampled cross-check against the Rust tokeni
 class Encoder:
     """Thread-safe: the tiktoken path and the Rust tokenizer are both immutable once built."""
 
-    def __init__(self, tokenizer_json: str, bos_id: Optional[int], eos_id: int, dtype: str, fast: bool = False):
+    def __init__(self, tokenizer_json: str, bos_id: Optional[int], eos_id: int, dtype: str, fast=False):
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_str(tokenizer_json)
         self.bos_id, self.eos_id, self.dtype = bos_id, eos_id, np.dtype(dtype)
         self._bos = np.array([bos_id if bos_id is not None else 0], dtype=np.uint32)
         self._eos = np.array([eos_id], dtype=np.uint32)
-        # fast: the caller checked (fast_path_ok: derivation + start-up check) that the path is exact here
+        # fast: False (Rust only), True (run the start-up check, its verdict cached), or the characters
+        # the caller's check (fast_path_ok) excluded: the path is exact here for the others
         self.fast = None
         self._seen = itertools.count()  # documents taken by the fast path (for the sampled check; atomic)
-        if fast:
+        if fast is not False and fast is not None:
             from engine.data.tiktoken_bpe import TiktokenBPE
-            self.fast = TiktokenBPE.build(self.tok, tokenizer_json, check=False)[0]
+            self.fast = TiktokenBPE.build(self.tok, tokenizer_json, check=fast)[0]
 
     def _ids(self, texts: list[str]) -> tuple[list, list[int]]:
         if self.fast is None:
@@ -111,15 +112,16 @@ class Encoder:
 _ENCODER: Optional[Encoder] = None
 
 
-def fast_path_ok(encoder_args: tuple) -> tuple[bool, str]:
-    """(is the exact tiktoken path usable for this tokenizer, why not). CPT_PREP_FAST=0: never."""
+def fast_path_ok(encoder_args: tuple) -> tuple[bool, str, tuple]:
+    """(is the exact tiktoken path usable for this tokenizer, why not, the characters the start-up
+    check excluded). CPT_PREP_FAST=0: never."""
     if os.environ.get("CPT_PREP_FAST", "1") == "0":
-        return False, "CPT_PREP_FAST=0"
+        return False, "CPT_PREP_FAST=0", ()
     from tokenizers import Tokenizer
 
     from engine.data.tiktoken_bpe import TiktokenBPE
     fast, why = TiktokenBPE.build(Tokenizer.from_str(encoder_args[0]), encoder_args[0])
-    return fast is not None, why
+    return fast is not None, why, tuple(sorted(fast.excluded)) if fast is not None else ()
 
 
 def _init(args: tuple) -> None:
@@ -161,8 +163,8 @@ class EncodePool:
             self.encoder = Encoder(*encoder_args)
             return
         # large sources: check the fast path once, here, for all workers
-        self.fast, self.fast_why = fast_path_ok(encoder_args)
-        encoder_args = (*encoder_args[:4], self.fast)
+        self.fast, self.fast_why, excluded = fast_path_ok(encoder_args)
+        encoder_args = (*encoder_args[:4], excluded if self.fast else False)
         if self.fast and os.environ.get("CPT_PREP_POOL", "thread") == "thread":
             self.encoder = Encoder(*encoder_args)
             self.threads = ThreadPoolExecutor(workers, thread_name_prefix="cpt-encode")
