@@ -66,7 +66,8 @@ class Encoder:
         for i, x in enumerate(ids):
             if x is None or next(self._seen) % VERIFY_EVERY:
                 continue
-            ref = self.tok.encode(texts[i], add_special_tokens=False).ids
+            # encode_batch_fast releases the GIL (encode does not: it would stall the other threads)
+            ref = self.tok.encode_batch_fast([texts[i]], add_special_tokens=False)[0].ids
             if len(ref) != len(x) or not np.array_equal(np.asarray(ref, dtype=np.uint32), x):
                 from engine.data.sources import DataError
                 from engine.data.tiktoken_bpe import SWITCH
