@@ -9,7 +9,7 @@ if _ROOT not in sys.path:
 from tests.hosts import *  # noqa: E402,F401,F403  (fixtures: sshd_loopback, netns_nodes)
 from tests.demo_run import *  # noqa: E402,F401,F403  (fixtures: shared_cache, cpt_home, demo_run)
 
-# Keep what the code caches per user (e.g. engine/data/fastbpe.py's probe verdict) out of the real ~/.cache.
+# Keep what the code caches per user (e.g. engine/data/tiktoken_bpe.py's probe verdict) out of the real ~/.cache.
 import os  # noqa: E402
 import tempfile  # noqa: E402
 
