@@ -421,7 +421,7 @@ def forgetting_table(bench_rows, stage_names: list[str], evals=()) -> Forgetting
 def fmt_value(v: Optional[float]) -> str:
     if v is None:
         return "-"
-    return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
+    return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}" if abs(v) < 1e6 else f"{v:.3e}"
 
 
 def cell_text(cell: Optional[Cell]) -> tuple[str, Optional[bool]]:
@@ -432,7 +432,8 @@ def cell_text(cell: Optional[Cell]) -> tuple[str, Optional[bool]]:
         return "FAILED", False
     s = fmt_value(cell.value)
     if cell.delta is not None:
-        s += f" ({cell.delta:+.4f})" if abs(cell.delta) < 100 else f" ({cell.delta:+.1f})"
+        d = cell.delta
+        s += f" ({d:+.4f})" if abs(d) < 100 else f" ({d:+.1f})" if abs(d) < 1e6 else f" ({d:+.3e})"
     return s, cell.better
 
 
