@@ -261,7 +261,8 @@ def _dir_stamp(d: str) -> str:
 def unknown_tasks(spec: BenchmarksSpec) -> tuple[list[str], Optional[str]]:
     """(unknown task names, a problem that prevented the check) for a benchmarks block. Instant when
     every name is of the built-in local set; otherwise lm-eval's registry is asked in a subprocess
-    (~15-40 s; the names it knows are cached per lm-eval version and include path)."""
+    (`python -m engine.evaluate --list-tasks`, 15-50 s; the list is cached per lm-eval version and
+    include path, so later checks of any preset are instant)."""
     includes = spec.include_paths()
     local_ok = BUILTIN_TASKS in includes
     rest = [t for t in spec.tasks if not (local_ok and t in (*LOCAL_TASKS, LOCAL_TAG))]
@@ -282,33 +283,32 @@ def unknown_tasks(spec: BenchmarksSpec) -> tuple[list[str], Optional[str]]:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
-    rest = [t for t in rest if t not in set(known.get(key, []))]  # names already checked: no subprocess
-    if not rest:
-        return [], None
-    argv = [sys.executable, "-m", "engine.evaluate", "--check-only", "--tasks", ",".join(rest)]
-    for d in dirs:
-        argv += ["--include-path", d]
-    try:
-        r = subprocess.run(argv, env=_engine_env(), capture_output=True, text=True, timeout=CHECK_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        return [], f"checking the task names with lm-eval took over {CHECK_TIMEOUT:.0f}s"
-    if r.returncode == 0:
+    if key not in known:  # every name lm-eval knows with these include dirs: asked once, then cached
+        argv = [sys.executable, "-m", "engine.evaluate", "--list-tasks"]
+        for d in dirs:
+            argv += ["--include-path", d]
+        try:
+            r = subprocess.run(argv, env=_engine_env(), capture_output=True, text=True, timeout=CHECK_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return [], f"listing lm-eval's tasks took over {CHECK_TIMEOUT:.0f}s"
+        try:
+            names = json.loads(r.stdout) if r.returncode == 0 else None
+        except ValueError:
+            names = None
+        if not isinstance(names, list):
+            return [], f"listing lm-eval's tasks failed (exit {r.returncode}): {r.stderr.strip()[-500:]}"
+        known[key] = names
+        while len(known) > 4:  # the latest few (lm-eval version, include path) combinations
+            known.pop(next(iter(known)))
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            known[key] = sorted(set(known.get(key, [])) | set(rest))
             tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(known))
             tmp.replace(cache)
         except OSError:
             pass
-        return [], None
-    err = r.stderr.strip()
-    marker = "unknown lm-eval task"
-    for line in err.splitlines():
-        if marker in line:
-            names = line.split(":", 2)[2].split("(include path")[0]
-            return [n.strip() for n in names.split(",") if n.strip()], None
-    return [], f"lm-eval's task check failed (exit {r.returncode}): {err[-500:]}"
+    names = set(known[key])
+    return [t for t in rest if t not in names], None
 
 
 def check_preset(path, preset: Preset) -> None:
