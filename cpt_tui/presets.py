@@ -32,6 +32,11 @@ def load_checked(name: str, check_paths: bool):
         raise Invalid(str(e)) from None
     except PlanError as e:
         raise Invalid(str(preset_error_at(path, e.yaml_path, e.msg))) from None
+    from cpt_tui.benchmarks import check_preset
+    try:
+        check_preset(path, preset)  # task names against lm-eval's registry (a subprocess unless all local)
+    except PresetError as e:
+        raise Invalid(str(e)) from None
     if check_paths:
         missing = missing_paths(preset)
         if missing:

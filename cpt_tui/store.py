@@ -74,6 +74,14 @@ MIGRATIONS: list[list[str]] = [
         """UPDATE events SET data = json_remove(data, '$.v', '$.seq', '$.ts', '$.type', '$.stage')
             WHERE json_valid(data) AND json_type(data, '$.seq') IS NOT NULL AND json_type(data, '$.type') IS NOT NULL""",
     ],
+    [  # 4: lm-eval benchmark results: one row per (run, stage or base-model, task, metric); a failed task
+       # has one row with metric '' and its reason
+        """CREATE TABLE IF NOT EXISTS benchmarks (
+            run_id TEXT NOT NULL, stage TEXT NOT NULL, task TEXT NOT NULL, metric TEXT NOT NULL DEFAULT '',
+            value REAL, stderr REAL, n_shot INTEGER, "limit" REAL, status TEXT NOT NULL, reason TEXT, ts REAL,
+            higher_is_better INTEGER, requested TEXT, n_samples INTEGER,
+            PRIMARY KEY (run_id, stage, task, metric))""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 TERMINAL = ("done", "failed", "stopped")  # run / stage states after which nothing runs
@@ -202,6 +210,26 @@ class MetricRow(_AtStep):
 class EvalRow(_AtStep):
     domain: Optional[str] = None
     loss: Optional[float] = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+@dataclass(eq=False, kw_only=True)
+class BenchmarkRow(Row):
+    """One benchmark result: a metric of a task on a stage's export (stage 'base-model': the starting model)."""
+    run_id: str
+    stage: str
+    task: str
+    metric: str = ""  # '' for a failed task
+    value: Optional[float] = None
+    stderr: Optional[float] = None
+    n_shot: Optional[int] = None
+    limit: Optional[float] = None
+    status: str = "ok"
+    reason: Optional[str] = None
+    ts: Optional[float] = None
+    higher_is_better: Optional[bool] = None
+    requested: Optional[str] = None
+    n_samples: Optional[int] = None
     extra: dict = field(default_factory=dict, repr=False)
 
 
@@ -422,6 +450,37 @@ class Store:
             c.execute("BEGIN IMMEDIATE")
             self._insert_metrics(list(metrics), evals)
 
+    def record_benchmarks(self, run_id: str, stage: str, rows: Iterable[dict]) -> int:
+        """Store one evaluation's results (BenchmarkRow fields); they replace earlier rows of the same
+        (run, stage, task). Returns the number of rows."""
+        cols = [f.name for f in fields(BenchmarkRow) if f.name not in ("extra", "run_id", "stage")]
+        recs = []
+        for r in rows:
+            r = {**r, "metric": r.get("metric") or ""}
+            hib = r.get("higher_is_better")
+            r["higher_is_better"] = None if hib is None else int(bool(hib))
+            recs.append((run_id, stage, *[r.get(c) for c in cols]))
+        names = ", ".join(f'"{c}"' for c in ["run_id", "stage", *cols])
+        c = self.db.conn
+        with c:
+            c.execute("BEGIN IMMEDIATE")
+            for task in dict.fromkeys(r[2] for r in recs):
+                c.execute("DELETE FROM benchmarks WHERE run_id = ? AND stage = ? AND task = ?", [run_id, stage, task])
+            c.executemany(f"INSERT OR REPLACE INTO benchmarks ({names}) VALUES ({', '.join('?' * (len(cols) + 2))})",
+                          recs)
+        return len(recs)
+
+    def benchmarks(self, run_id: str) -> list[BenchmarkRow]:
+        """A run's benchmark rows in the order they were recorded ([] on a database without the table)."""
+        if not self.has_table("benchmarks"):
+            return []
+        out = []
+        for r in self.db.query("SELECT * FROM benchmarks WHERE run_id = ? ORDER BY rowid", [run_id]):
+            if r.get("higher_is_better") is not None:
+                r["higher_is_better"] = bool(r["higher_is_better"])
+            out.append(BenchmarkRow.of(r))
+        return out
+
     def add_event(self, run_id: str, stage: str, type: str, **data) -> dict:
         """A manager-side event (supervisor transitions), numbered in its own stream (e.g. '@run')."""
         with self.db.conn:
@@ -574,7 +633,7 @@ class Store:
         """Runs whose status says something should be running ('running', 'queued')."""
         return list(self.db.query("SELECT * FROM runs WHERE status IN ('running', 'queued')"))
 
-RUN_TABLES = ("metrics", "eval", "events", "stages", "telemetry", "latest_metrics")  # keyed on run_id
+RUN_TABLES = ("metrics", "eval", "events", "stages", "telemetry", "latest_metrics", "benchmarks")  # keyed on run_id
 _KEY_FIELDS = frozenset(("v", "seq", "ts", "type", "stage"))  # columns of `events`, not part of its data
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 from cpt_tui.backends import Backend, LaunchError, backend_for
+from cpt_tui.benchmarks import RunBenchmarks
 from cpt_tui.collector import Telemetry, read_lines
 from cpt_tui.procs import LOST, Proc, engine_env, procs_of, start_kept, starter_env, supervisor_alive, tail
 from cpt_tui.redact import scrub, secret_values
@@ -293,9 +294,18 @@ class Supervisor:
         self.store.update_run(self.run_id, plan=json.dumps(plan))
         for s in plan["stages"]:
             self.store.update_stage(self.run_id, s["index"], steps_total=s["steps"], tokens_total=s["tokens"])
+        bench = RunBenchmarks(self) if self.preset.benchmarks else None  # lm-eval, in its own process
+        if bench:
+            bench.reference(prepared)  # the starting model, once (skipped when recorded)
+            if self.stop_requested:
+                raise Stopped("stopped during the benchmarks of the base model")
         for s in self.store.stages(self.run_id):
             if s["status"] != "done":
                 self._stage(s["idx"], prepared)
+            if bench:
+                bench.after_stage(s["name"])  # never fails the stage: failed tasks are recorded as such
+                if self.stop_requested:
+                    raise Stopped(f"stopped during the benchmarks of {s['name']!r}")
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_stop)

@@ -4,6 +4,7 @@
         [--num-fewshot K | --num-fewshot '{"task": K, ...}'] [--limit N] [--batch-size B]
         [--device cpu|cuda] [--dtype auto|float32|bfloat16|float16] [--max-length N]
         [--events EVENTS.jsonl --stage NAME] [--check-only]
+    python -m engine.evaluate --list-tasks [--include-path DIR ...]   every known name, as JSON
     accelerate launch -m engine.evaluate ...      data parallel over the GPUs (lm-eval's HFLM does it)
 
 Exit status: 0 when RESULTS.json was written (even if some tasks failed: each carries its own status),
@@ -302,7 +303,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="a local Hugging Face model directory (with its tokenizer)")
     p.add_argument("--out", help="where to write RESULTS.json")
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names")
+    p.add_argument("--tasks", default="", help="comma-separated lm-eval task, group or tag names")
     p.add_argument("--include-path", action="append", default=[], help="a folder of task YAMLs (repeatable)")
     p.add_argument("--num-fewshot", default=None, help="K for every task, or JSON {task: K}")
     p.add_argument("--limit", type=_limit, default=None, help="examples per task (a fraction if < 1)")
@@ -315,11 +316,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--events", default=None, help="append `benchmark` events to this events.jsonl")
     p.add_argument("--stage", default=None, help="the stage name of those events")
     p.add_argument("--check-only", action="store_true", help="only check the task names, then exit")
+    p.add_argument("--list-tasks", action="store_true",
+                   help="print every name lm-eval knows (built-in and under --include-path) as JSON, then exit")
     return p
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.list_tasks:  # the manager caches this to check preset task names without lm-eval in-process
+        print(json.dumps(sorted(task_manager(args.include_path).all_tasks)))
+        return 0
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         print("engine.evaluate: --tasks names no task", file=sys.stderr)

@@ -21,6 +21,9 @@ Every record: {"v": 1, "seq": int ≥ 1, increasing per file, "ts": float (unix 
   relora      step, action: switch (warm start ends) | merge, [delta_norm] [merges]
   error       message
   progress    free-form counters (data preparation)
+  benchmark   task, status: ok|failed, [requested] [metric] [value] [stderr] [n_shot] [limit] [n_samples]
+              [reason] [model] [seconds] — engine/evaluate.py: one per metric of an ok task, one per
+              failed task (no metric)
 "steps" count optimizer steps (1-based in metric/eval/checkpoint: the steps done so far);
 "tokens" count training tokens consumed by the whole job (all processes).
 The manager ingests these into SQLite keyed on (run, stage, seq), so re-reading a file is harmless.
@@ -53,6 +56,9 @@ SCHEMA: dict[str, tuple[dict, dict]] = {
     "relora": ({"step": int, "action": str}, {"delta_norm": _NUM, "merges": int}),
     "error": ({"message": str}, {}),
     "progress": ({}, None),  # None: any further fields
+    "benchmark": ({"task": str, "status": str},
+                  {"requested": str, "metric": str, "value": _OPT_NUM, "stderr": _OPT_NUM, "n_shot": (int, type(None)),
+                   "limit": _OPT_NUM, "n_samples": (int, type(None)), "reason": str, "model": str, "seconds": _NUM}),
 }
 EVENT_TYPES = tuple(SCHEMA)
 STATUS_STATES = ("starting", "running", "done", "failed", "stopped")
@@ -89,6 +95,8 @@ def validate_event(rec: dict) -> list[str]:
         errs += [f"unknown field {k!r} for type {rec['type']!r}" for k in sorted(extra)]
     if rec["type"] == "status" and rec.get("state") not in STATUS_STATES:
         errs.append(f"unknown status state {rec.get('state')!r}")
+    if rec["type"] == "benchmark" and rec.get("status") not in ("ok", "failed"):
+        errs.append(f"unknown benchmark status {rec.get('status')!r}")
     if rec["type"] == "relora" and rec.get("action") not in ("switch", "merge"):
         errs.append(f"unknown relora action {rec.get('action')!r}")
     return errs

@@ -19,6 +19,10 @@ nodes) and by the manager and UI, so it imports nothing heavy (no torch).
         checkpoints/step-N/    complete checkpoints (trainer_state.json written last)
         checkpoints/.tmp-step-N/   one being written
         final/                 the exported Hugging Face model (.tmp-final while written)
+      benchmarks/tasks/        the local lm-eval task set (include_path: builtin:cpt-local)
+      benchmarks/TARGET/       one benchmark evaluation (TARGET: a stage name, or base-model)
+        results.json           engine/evaluate.py's RESULTS.json
+        eval.log               its output
 """
 
 from __future__ import annotations
@@ -91,6 +95,17 @@ class StageLayout:
         return self.root / f"exit.{attempt}.{index}"
 
 
+class BenchmarkLayout:
+    """RUN_DIR/benchmarks/TARGET."""
+
+    def __init__(self, root: PathLike):
+        self.root = Path(root)
+
+    results = property(lambda self: self.root / "results.json")
+    log = property(lambda self: self.root / "eval.log")
+    exit_file = property(lambda self: self.root / "eval.exit")
+
+
 class RunLayout:
     """RUN_DIR."""
 
@@ -112,6 +127,11 @@ class RunLayout:
 
     def stage(self, name: str) -> StageLayout:
         return StageLayout(self.root / "stages" / name)
+
+    benchmark_tasks = property(lambda self: self.root / "benchmarks" / "tasks")
+
+    def benchmark(self, target: str) -> "BenchmarkLayout":
+        return BenchmarkLayout(self.root / "benchmarks" / target)
 
     def deepspeed_config(self, stage_name: str) -> Path:
         return self.root / f"deepspeed.{stage_name}.json"

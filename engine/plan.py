@@ -107,8 +107,43 @@ def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None, stric
             "long_docs": st.long_docs.model_dump() if st.long_docs else None,
             "data_notes": data_notes(preset, mix, st, (long_docs or {}).get(st.name)),  # engine.data.foreign
         })
-    return {"preset": preset.name, "description": preset.description, "world_size": world,
-            "cluster": preset.cluster.kind, "stages": stages}
+    out = {"preset": preset.name, "description": preset.description, "world_size": world,
+           "cluster": preset.cluster.kind, "stages": stages, "validation": validation(preset)}
+    _check_eval(preset, out["validation"])
+    if preset.benchmarks:
+        b = preset.benchmarks
+        out["benchmarks"] = {"tasks": list(b.tasks), "include_path": b.include_paths(), "num_fewshot": b.num_fewshot,
+                             "limit": b.limit, "batch_size": b.batch_size, "reference": b.reference,
+                             "stages": b.stage_names(preset)}
+    return out
+
+
+def validation(preset: Preset) -> list[dict]:
+    """Held-out validation data per domain: tokens (val_tokens) or a share of documents (val_fraction)."""
+    by: dict[str, dict] = {}
+    for name, src in preset.sources.items():
+        if not (src.val_tokens or src.val_fraction):
+            continue
+        d = by.setdefault(src.domain or name, {"domain": src.domain or name, "sources": [], "val_tokens": 0,
+                                               "val_fraction": None})
+        d["sources"].append(name)
+        d["val_tokens"] += src.val_tokens
+        if src.val_fraction:
+            d["val_fraction"] = src.val_fraction
+    return list(by.values())
+
+
+def _check_eval(preset: Preset, val: list[dict]) -> None:
+    """A stage that asks for evaluation (an `eval:` block) needs validation data it can use."""
+    for i, st in enumerate(preset.stages):
+        if "eval" not in st.model_fields_set:
+            continue
+        usable = [d for d in val if d["val_fraction"] or d["val_tokens"] >= st.seq_len]
+        if not usable:
+            held = ", ".join(f"{d['domain']} {d['val_tokens']}" for d in val)
+            have = f"; the held-out tokens ({held}) are less than one block of seq_len {st.seq_len}" if val else ""
+            raise PlanError(f"stages[{i}].eval", "this stage evaluates, but no source holds validation data out"
+                            f"{have}: give a source `val_tokens` (or `val_fraction`), or remove the eval block")
 
 
 def format_plan(plan: dict) -> str:
@@ -136,6 +171,21 @@ def format_plan(plan: dict) -> str:
             lines.append(f"    note: {n}")
         for w in st["mixture"]["warnings"]:
             lines.append(f"    warning: {w}")
+    val = plan.get("validation")
+    if val is not None:
+        lines.append("\nvalidation (held out, never trained on):" if val else "\nvalidation: none (no source has "
+                     "val_tokens or val_fraction)")
+        for d in val:
+            amount = f"{d['val_tokens']:,} tokens" if d["val_tokens"] else f"{d['val_fraction']:.1%} of documents"
+            lines.append(f"    {d['domain']:<24} {amount}  (from {', '.join(d['sources'])})")
+    b = plan.get("benchmarks")
+    if b:
+        where = ", ".join((["base-model"] if b["reference"] else []) + b["stages"]) or "none"
+        extra = (f"  limit {b['limit']}" if b["limit"] is not None else "") + \
+                (f"  num_fewshot {b['num_fewshot']}" if b["num_fewshot"] is not None else "")
+        lines.append(f"\nbenchmarks (lm-eval): {', '.join(b['tasks'])}  batch {b['batch_size']}{extra}")
+        lines.append(f"    evaluated on: {where}" + (f"  include path: {', '.join(b['include_path'])}"
+                                                     if b["include_path"] else ""))
     return "\n".join(lines)
 
 

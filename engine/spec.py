@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from engine.errors import UserError
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -250,7 +251,13 @@ class CheckpointSpec(_Strict):
 
 class EvalSpec(_Strict):
     every_steps: int = Field(50, gt=0)
-    max_blocks: int = Field(16, gt=0, description="validation blocks per domain per evaluation")
+    max_blocks: Union[Annotated[int, Field(gt=0)], Literal["all"]] = Field(
+        16, description="validation blocks per domain per evaluation; `all`: the whole held-out set")
+
+    @property
+    def block_limit(self) -> int:
+        """max_blocks as a number (`all`: no limit)."""
+        return sys.maxsize if self.max_blocks == "all" else self.max_blocks
 
 
 class LongDocsSpec(_Strict):
@@ -341,6 +348,45 @@ class ClusterSpec(_Strict):
         return self
 
 
+# --------------------------------------------------------------------------- benchmarks
+
+# `include_path: builtin:cpt-local`: the local task set of engine/benchmarks (no download), written into the
+# run directory when the run starts; its task names are known without lm-eval.
+BUILTIN_TASKS = "builtin:cpt-local"
+BASE_MODEL = "base-model"  # the benchmarks' name for the starting model (the reference column)
+
+
+class BenchmarksSpec(_Strict):
+    """lm-eval benchmarks, run in their own process on each selected stage's exported model after the
+    stage ends, and once on the starting model (`reference`) before the first stage."""
+
+    tasks: list[str] = Field(min_length=1, description="lm-eval task, group or tag names")
+    include_path: Optional[Union[str, list[str]]] = Field(
+        None, description="folder(s) of task YAMLs (relative: to the working directory), or builtin:cpt-local")
+    num_fewshot: Optional[Union[Annotated[int, Field(ge=0)], dict[str, Annotated[int, Field(ge=0)]]]] = Field(
+        None, description="K for every task, or {task: K}; omitted: each task's own default")
+    limit: Optional[Union[Annotated[int, Field(gt=0)], Annotated[float, Field(gt=0, lt=1)]]] = Field(
+        None, description="examples per task (a fraction if < 1): smoke tests only")
+    batch_size: Union[Annotated[int, Field(gt=0)], Literal["auto"]] = 8
+    stages: Union[Literal["all", "none"], list[str]] = "all"
+    reference: bool = Field(True, description="also evaluate the starting model (column base-model)")
+    device: Optional[str] = Field(None, description="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_length: Optional[int] = Field(None, gt=0)
+    bootstrap_iters: Optional[int] = Field(None, ge=0, description="stderr resamples (lm-eval's default 100000)")
+
+    def include_paths(self) -> list[str]:
+        p = self.include_path
+        return [] if p is None else [p] if isinstance(p, str) else list(p)
+
+    def stage_names(self, preset: "Preset") -> list[str]:
+        """The stages evaluated, in run order."""
+        if self.stages == "none":
+            return []
+        names = [s.name for s in preset.stages]
+        return names if self.stages == "all" else [n for n in names if n in self.stages]
+
+
 # --------------------------------------------------------------------------- preset
 
 
@@ -355,6 +401,7 @@ class Preset(_Strict):
     mixtures: dict[str, MixtureSpec] = Field(default_factory=dict, description="named mixtures stages can refer to")
     stages: list[StageSpec] = Field(min_length=1)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    benchmarks: Optional[BenchmarksSpec] = None
 
     @model_validator(mode="after")
     def _references(self):
@@ -382,6 +429,13 @@ class Preset(_Strict):
                 for j, s in enumerate(getattr(self.vocabulary, field)):
                     if s not in self.sources:
                         raise _PathError(f"vocabulary.{field}[{j}]", f"unknown source {s!r}; defined: {sorted(self.sources)}")
+        if self.benchmarks and isinstance(self.benchmarks.stages, list):
+            for j, s in enumerate(self.benchmarks.stages):
+                if s not in seen:
+                    raise _PathError(f"benchmarks.stages[{j}]", f"unknown stage {s!r}; stages: {sorted(seen)}")
+        if self.benchmarks and BASE_MODEL in seen:
+            raise _PathError("benchmarks", f"a stage is named {BASE_MODEL!r}, the benchmarks' name for the "
+                             "starting model: rename the stage")
         if self.model.config is not None and self.tokenizer.path is None and self.tokenizer.train is None:
             raise _PathError("tokenizer", "a model built from `config` needs `tokenizer.path` or `tokenizer.train`")
         return self

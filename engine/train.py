@@ -238,7 +238,7 @@ class Trainer:
         self.unwrapped = self.model.module if self.ds else self.accelerator.unwrap_model(self.model)
         # A plain HF config (not with LoRA) goes into checkpoints: `init_from` can point at one.
         self.ckpt.bind(self.model, self.unwrapped, self.opt, self.accelerator.scaler, hf_config=not st.lora)
-        self.val = val_blocks(cfg, st.seq_len, st.eval.max_blocks)
+        self.val = val_blocks(cfg, st.seq_len, st.eval.block_limit)
         self.step, self.position = 0, 0
 
     def _restarts(self) -> list[int]:

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def cli_env(home: Path, cache: Path) -> dict:
     env = dict(os.environ)
     env.update(CPT_TUI_HOME=str(home), CPT_TUI_CACHE=str(cache), CPT_TUI_DB=str(home / "cpt-tui.db"),
-               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+               PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               HF_DATASETS_CACHE=str(cache / "hf-datasets"))  # lm-eval's local tasks: not the user's cache
     return env
 
 

@@ -46,7 +46,7 @@ def test_engine_modules_load_without_them():
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
-def test_ui_and_cli_never_import_torch():
+def test_ui_and_cli_never_import_torch():  # nor lm_eval: benchmarks run in engine.evaluate, a subprocess
     code = (
         "import sys, importlib, pkgutil\n"
         "import cpt_tui.cli, cpt_tui.ui.app, cpt_tui.supervisor, cpt_tui.store, cpt_tui.backends, cpt_tui.lifecycle, engine.plan\n"
@@ -54,7 +54,8 @@ def test_ui_and_cli_never_import_torch():
         "for m in pkgutil.walk_packages(cpt_tui.cli.__path__, 'cpt_tui.cli.'):\n"
         "    if m.name != 'cpt_tui.cli.__main__':\n"
         "        importlib.import_module(m.name)\n"
-        "heavy = [m for m in ('torch', 'transformers', 'accelerate', 'deepspeed') if m in sys.modules]\n"
+        "import cpt_tui.benchmarks, cpt_tui.ui.screens.detail, cpt_tui.ui.screens.compare\n"
+        "heavy = [m for m in ('torch', 'transformers', 'accelerate', 'deepspeed', 'lm_eval') if m in sys.modules]\n"
         "print(heavy)\n"
         "sys.exit(1 if heavy else 0)\n"
     )

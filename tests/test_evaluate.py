@@ -165,3 +165,7 @@ def test_check_tasks(tasks_dir, monkeypatch, capsys):
                           "--check-only"]) == 2
     assert "unknown lm-eval task: hellaswagg" in capsys.readouterr().err
     assert evaluate.main(["--tasks", "cpt_ppl_code", "--num-fewshot", '{"other": 1}', "--check-only"]) == 2
+    capsys.readouterr()
+    assert evaluate.main(["--list-tasks", "--include-path", str(tasks_dir)]) == 0  # the manager's cached registry
+    listed = json.loads(capsys.readouterr().out)
+    assert {"cpt_mc_prose", "cpt_local", "arc_easy", "mmlu"} <= set(listed) and "no_such_task" not in listed

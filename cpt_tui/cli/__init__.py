@@ -21,6 +21,7 @@ COMMANDS = {
     "run": "runs:cmd_run", "attach": "runs:cmd_attach", "stop": "runs:cmd_stop", "resume": "runs:cmd_resume",
     "logs": "runs:cmd_logs", "runs": "runs:cmd_runs", "show": "runs:cmd_show", "ui": "runs:cmd_ui",
     "plan": "plan:cmd_plan", "prep": "prep:cmd_prep", "vocab": "vocab:cmd_vocab",
+    "eval": "evaluate:cmd_eval",
 }
 
 
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="show one run")
     p.add_argument("run_id")
     p.add_argument("--json", action="store_true")
+    from cpt_tui.cli.evaluate import add_parser as add_eval
+    add_eval(sub)
     p = sub.add_parser("attach", help="follow a run's progress (Ctrl-C: stop it or detach)")
     p.add_argument("run_id")
     p.add_argument("--history", type=int, default=20, metavar="N", help="events shown first (default 20)")

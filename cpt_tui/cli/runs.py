@@ -241,10 +241,11 @@ def cmd_show(a) -> int:
     store, run = run_row(a)
     stages = store.stages(run["id"])
     evals = store.evals(run["id"])
+    bench = store.benchmarks(run["id"])
     if a.json:
         out = {**run, "plan": json.loads(run["plan"]) if run["plan"] else None}
         print(json.dumps({"run": out, "stages": [dict(s) for s in stages], "eval": [dict(e) for e in evals],
-                          "metrics": len(store.metrics(run["id"]))}, indent=1))
+                          "metrics": len(store.metrics(run["id"])), "benchmarks": bench_json(bench)}, indent=1))
         return 0
     from cpt_tui import lifecycle as S
     sup = ""
@@ -263,7 +264,17 @@ def cmd_show(a) -> int:
                 last[e["domain"]] = e["loss"]
         if last:
             print("      validation: " + "  ".join(f"{d} {l:.4f}" for d, l in last.items()))
+    if bench:
+        from cpt_tui.benchmarks import format_table, forgetting_table
+        print("\nbenchmarks and forgetting (delta vs base-model; validation loss: last per stage):")
+        print(format_table(forgetting_table(bench, [s["name"] for s in stages], evals), color=sys.stdout.isatty()))
     return 0
+
+
+def bench_json(rows) -> list[dict]:
+    """`show --json`'s benchmarks: {stage, task, metric, value, stderr} plus n_shot, limit, status, reason."""
+    keys = ("stage", "task", "metric", "value", "stderr", "n_shot", "limit", "status", "reason", "higher_is_better")
+    return [{k: (r[k] or None) if k == "metric" else r[k] for k in keys} for r in rows]
 
 
 def cmd_ui(a) -> int:

@@ -1,4 +1,5 @@
-"""Compare runs: training loss (EMA) and mean validation loss of several runs on one chart each."""
+"""Compare runs: training loss (EMA) and mean validation loss of several runs on one chart each, and
+their forgetting tables (benchmarks) side by side."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import Header, Static
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Header, Static
 
+from cpt_tui.benchmarks import forgetting_table
+from cpt_tui.ui.screens.detail import show_forgetting
 from cpt_tui.ui.widgets import KeysFooter
 from cpt_tui.store import Store
 from cpt_tui.ui.data import ema, load_curves
@@ -29,6 +33,12 @@ class CompareScreen(Screen):
         yield Static("comparing " + ", ".join(self.run_ids), id="compare-title")
         yield Chart("train loss (EMA)", id="cmp-loss")
         yield Chart("validation loss (mean over domains)", id="cmp-val")
+        with Horizontal(id="cmp-bench"):
+            for i, rid in enumerate(self.run_ids):
+                with Vertical(classes="cmp-bench-run"):
+                    yield Static(rid, classes="cmp-bench-title")
+                    yield DataTable(id=f"cmp-forgetting-{i}", zebra_stripes=True)
+                    yield Static("", id=f"cmp-forgetting-notes-{i}")
         yield KeysFooter()
 
     def on_mount(self) -> None:
@@ -39,13 +49,18 @@ class CompareScreen(Screen):
         store = Store(self.app.db_path, readonly=True)
         try:
             curves = {rid: load_curves(store, rid, 300) for rid in self.run_ids}
+            bench = {rid: forgetting_table(store.benchmarks(rid), [s.name for s in store.stages(rid)],
+                                           store.evals(rid)) for rid in self.run_ids}
         finally:
             store.close()
-        self.app.call_from_thread(self._show, curves)
+        self.app.call_from_thread(self._show, curves, bench)
 
-    def _show(self, curves: dict) -> None:
+    def _show(self, curves: dict, bench: dict) -> None:
         self.curves = curves
         self.draw()
+        for i, rid in enumerate(self.run_ids):
+            show_forgetting(self.query_one(f"#cmp-forgetting-{i}", DataTable),
+                            self.query_one(f"#cmp-forgetting-notes-{i}", Static), bench.get(rid))
 
     def draw(self) -> None:
         loss, val = [], []

@@ -1,5 +1,6 @@
 """Run detail: stage timeline; loss (raw + EMA), LR, tokens/s and per-domain validation loss on a
-step or tokens axis with stage boundaries; per-node telemetry sparklines; events; trainer log tail."""
+step or tokens axis with stage boundaries; per-node telemetry sparklines; events; trainer log tail;
+the benchmarks' forgetting table (tasks and validation domains × base model and stages)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from textual.binding import Binding
 from textual.containers import Grid, Horizontal, VerticalScroll
 from textual.widgets import DataTable, Header, Label, Static, TabbedContent, TabPane
 
+from cpt_tui.benchmarks import ForgettingTable, cell_text, forgetting_table
 from cpt_tui.fmt import fmt_si
 from cpt_tui.store import TERMINAL, Store
 from cpt_tui.ui.data import Curves, NodeTelemetry, ema, load_curves, log_tail, node_telemetry, recent_events
@@ -31,6 +33,7 @@ class Detail:
     events: list
     log: tuple[str, str]
     nodes: list[NodeTelemetry]
+    bench: Optional[ForgettingTable] = None
 
 
 class RunDetailScreen(PollingScreen):
@@ -75,6 +78,10 @@ class RunDetailScreen(PollingScreen):
                 yield table
             with TabPane("Log", id="tab-log"):
                 yield VerticalScroll(Static("", id="log"), id="log-scroll")
+            with TabPane("Benchmarks", id="tab-bench"):
+                yield DataTable(id="forgetting", zebra_stripes=True, cursor_type="row")
+                yield Static("no benchmark results: add a `benchmarks:` block to the preset, or run "
+                             "`cpt-tui eval RUN`", id="forgetting-notes")
         yield KeysFooter()
 
     def set_run(self, run_id: str) -> None:
@@ -133,7 +140,8 @@ class RunDetailScreen(PollingScreen):
         stages = store.stages(run["id"])
         curves = load_curves(store, run["id"], self._buckets)
         d = Detail(run, stages, curves, recent_events(store, run["id"]), log_tail(run, stages),
-                   node_telemetry(store, run["id"]))
+                   node_telemetry(store, run["id"]),
+                   forgetting_table(store.benchmarks(run["id"]), [s.name for s in stages], store.evals(run["id"])))
         self.fetch_seconds = time.perf_counter() - t0
         return d
 
@@ -161,6 +169,7 @@ class RunDetailScreen(PollingScreen):
         name, text = d.log
         self._put("#log", Text(f"== {name} ==\n{text}" if name else text))
         self._show_telemetry(d.nodes)
+        show_forgetting(self.query_one("#forgetting", DataTable), self.query_one("#forgetting-notes", Static), d.bench)
 
     def draw_curves(self) -> None:
         if not self.data or not self.data.curves:
@@ -224,6 +233,30 @@ class RunDetailScreen(PollingScreen):
 
     def action_stop(self) -> None:
         self.app.stop_run(self.run_id)
+
+
+def show_forgetting(table: DataTable, notes: Static, t: Optional[ForgettingTable]) -> None:
+    """Fill a DataTable with a forgetting table: value (delta vs base-model), green better / red worse."""
+    table.clear(columns=True)
+    if t is None or not t.rows:
+        notes.update("no benchmark results: add a `benchmarks:` block to the preset, or run `cpt-tui eval RUN`")
+        return
+    table.add_columns("task", "metric", *t.columns)
+    for i, (task, metric) in enumerate(t.rows):
+        cells = []
+        for j in range(len(t.columns)):
+            text, better = cell_text(t.cells.get((i, j)))
+            cells.append(Text(text, style="" if better is None else "green" if better else "red"))
+        table.add_row(task, metric, *cells)
+    lines = ["delta vs base-model (the first column with a value when it has none); green = better by the "
+             "metric's direction; val:DOMAIN = last validation loss of each stage"]
+    for (i, j), c in sorted(t.cells.items()):
+        if c.failed:
+            lines.append(f"{t.rows[i][0]} on {t.columns[j]} FAILED: {c.failed}")
+    lim = {k: v for k, v in t.limits.items() if v is not None}
+    if lim:
+        lines.append("limited (smoke-test numbers): " + ", ".join(f"{k} {v:g}" for k, v in lim.items()))
+    notes.update(Text("\n".join(lines)))
 
 
 def _safe(s: str) -> str:
