@@ -74,6 +74,9 @@ MIGRATIONS: list[list[str]] = [
         """UPDATE events SET data = json_remove(data, '$.v', '$.seq', '$.ts', '$.type', '$.stage')
             WHERE json_valid(data) AND json_type(data, '$.seq') IS NOT NULL AND json_type(data, '$.type') IS NOT NULL""",
     ],
+    [  # 4: a scheduler's view of a stage's job (Slurm: {"job", "state", "reason", "nodes"} as JSON)
+        "ALTER TABLE stages ADD COLUMN scheduler TEXT",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 TERMINAL = ("done", "failed", "stopped")  # run / stage states after which nothing runs
@@ -171,6 +174,7 @@ class StageRow(Row):
     events_offset: Optional[int] = 0
     procs: Optional[str] = None  # JSON
     restarts: Optional[int] = 0
+    scheduler: Optional[str] = None  # JSON: the scheduler's view of the stage's job (Slurm)
     extra: dict = field(default_factory=dict, repr=False)
 
 
