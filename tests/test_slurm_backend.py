@@ -182,7 +182,7 @@ def test_stop_then_resume_is_bit_exact(ref_run: Ref, slurm_cluster: SlurmCluster
     env = {**with_slurm(cpt_home, c), "CPT_FAULT_SLOW_S": "0.3"}
     preset = tiny_preset(tmp_path / "p.yaml", STAGES, every=8, cluster=slurm_cl(c), micro=4, name="tiny-slurm")
     run_id = start(env, preset, "--telemetry-interval", "0")
-    wait_for(lambda: [e for e in events(env, run_id, "s1", "metric") if e["step"] >= 10], 120, "step 10 of s1")
+    wait_for(lambda: [e for e in events(env, run_id, "s1", "metric") if e["step"] >= 10], 300, "step 10 of s1")
     job = job_of(env, run_id)
     assert c.squeue(job).startswith("RUNNING")
     r = run_cli(["stop", run_id], env, timeout=180)
@@ -213,7 +213,7 @@ def test_scancel_kill_restarts_and_time_limit_requeues(slurm_cluster: SlurmClust
     preset = tiny_preset(tmp_path / "p.yaml", [("s1", 160)], every=5, cluster=cl, micro=4, name="tiny-slurm")
     run_id = start(env, preset, "--telemetry-interval", "0", "--restart-backoff", "0.5", "--max-restarts", "1")
     run_dir = Path(run_row(env, run_id)["run_dir"])
-    wait_for(lambda: events(env, run_id, "s1", "checkpoint"), 120, "a checkpoint")
+    wait_for(lambda: events(env, run_id, "s1", "checkpoint"), 300, "a checkpoint")
     job = job_of(env, run_id)
     r = c.run(["scancel", "-s", "KILL", job])
     assert r.returncode == 0, r.stderr
@@ -243,7 +243,7 @@ def test_kill9_supervisor_job_survives_and_is_adopted(slurm_cluster: SlurmCluste
     preset = tiny_preset(tmp_path / "p.yaml", [("s1", 60)], every=10, cluster=slurm_cl(c), micro=4,
                          name="tiny-slurm")
     run_id = start(env, preset, "--telemetry-interval", "0")
-    wait_for(lambda: events(env, run_id, "s1", "metric"), 120, "a first metric")
+    wait_for(lambda: events(env, run_id, "s1", "metric"), 300, "a first metric")
     row = run_row(env, run_id)
     sup, job = row["pid"], job_of(env, run_id)
     cpu = _cpu_of(sup, 8.0)
