@@ -424,6 +424,8 @@ class SlurmBackend(Backend):
             js = self.job(str(p.pid), fresh=True)
             if js.state in REQUEUE_STATES:
                 return f"Slurm job {p.pid} ended {js.state} (reason {js.reason})"
+            if js.state == "CANCELLED":  # scancel (even -s KILL) TERMs the batch shell too: not the scheduler's
+                return None
             if p.exit_file and Path(p.exit_file).with_suffix(".signalled").exists():
                 return (f"Slurm job {p.pid} got the scheduler's TERM (time limit within "
                         f"{self.spec.signal_grace} s, or preemption)")
