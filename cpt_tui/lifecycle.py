@@ -23,7 +23,8 @@ from cpt_tui.procs import engine_env, procs_of, supervisor_alive, supervisor_env
 from cpt_tui.store import TERMINAL, Store
 from cpt_tui.supervisor import DEFAULTS, RUN_STREAM
 from engine.layout import RunLayout
-from engine.spec import Preset
+from engine.errors import CptError
+from engine.spec import Preset, load_preset
 
 __all__ = ["new_run_id", "create_run", "spawn", "start_detached", "request_stop", "resume", "orphans",
            "adopt_orphans", "supervisor_alive", "engine_env"]
@@ -124,10 +125,15 @@ def request_stop(store: Store, run_id: str) -> str:
         os.kill(row["pid"], signal.SIGTERM)
         return "signalled"
     procs = [p for s in store.stages(run_id) for p in procs_of(s)]
-    for p in procs:
-        p.signal(signal.SIGTERM)
+    backend = _backend_of(row) if any(p.backend not in ("local", "ssh") for p in procs) else None
+    if backend is not None:  # a scheduler's jobs (Slurm): its stop, by job id
+        backend.stop(procs)
+    else:
+        for p in procs:
+            p.signal(signal.SIGTERM)
+    poll = backend.poll if backend is not None else (lambda ps: [p.poll() for p in ps])
     deadline = time.monotonic() + DEFAULTS["stop_timeout"]
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    while any(c is None for c in poll(procs)) and time.monotonic() < deadline:
         time.sleep(0.5)
     for s in store.stages(run_id):
         if s["status"] == "running":
@@ -135,6 +141,14 @@ def request_stop(store: Store, run_id: str) -> str:
     store.update_run(run_id, status="stopped", finished=time.time())
     store.add_event(run_id, RUN_STREAM, "status", state="stopped", reason="stopped while unsupervised")
     return "stopped"
+
+
+def _backend_of(row: dict):
+    """The launch backend of a run, from its preset copy (None if it cannot be read)."""
+    try:
+        return backend_for(load_preset(RunLayout(row["run_dir"]).preset).cluster)
+    except (OSError, ValueError, CptError):
+        return None
 
 
 def orphans(store: Store) -> list[dict]:

@@ -82,6 +82,9 @@ MIGRATIONS: list[list[str]] = [
             higher_is_better INTEGER, requested TEXT, n_samples INTEGER,
             PRIMARY KEY (run_id, stage, task, metric))""",
     ],
+    [  # 5: a scheduler's view of a stage's job (Slurm: {"job", "state", "reason", "nodes"} as JSON)
+        "ALTER TABLE stages ADD COLUMN scheduler TEXT",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 TERMINAL = ("done", "failed", "stopped")  # run / stage states after which nothing runs
@@ -179,6 +182,7 @@ class StageRow(Row):
     events_offset: Optional[int] = 0
     procs: Optional[str] = None  # JSON
     restarts: Optional[int] = 0
+    scheduler: Optional[str] = None  # JSON: the scheduler's view of the stage's job (Slurm)
     extra: dict = field(default_factory=dict, repr=False)
 
 

@@ -138,6 +138,8 @@ class Supervisor:
         stop_sent = None
         while True:
             codes = self.backend.poll(procs)
+            if stage_idx is not None:
+                self._note_scheduler(stage_idx, procs)
             offset = self._ingest(events, stage_idx, offset)
             self.tick()
             if self.stop_requested and stop_sent is None:
@@ -158,6 +160,14 @@ class Supervisor:
                         return failed[0] if failed else 0
                     offset = new
             time.sleep(POLL_S)
+
+    def _note_scheduler(self, idx: int, procs: list[Proc]) -> None:
+        """Store the scheduler's view of the stage's job (e.g. PENDING (Resources)) when it changes."""
+        st = self.backend.scheduler_state(procs)
+        text = json.dumps(st, sort_keys=True) if st else None
+        if text != getattr(self, "_scheduler", None):
+            self._scheduler = text
+            self.store.update_stage(self.run_id, idx, scheduler=text)
 
     # ------------------------------------------------------------------ prepare
     def _prepare(self) -> dict:
@@ -231,6 +241,7 @@ class Supervisor:
         sl = self.layout.stage(st.name)
         while True:
             procs = self._adopt(idx) or self._launch(idx, prepared)
+            ck0 = latest_checkpoint(sl.checkpoints)
             offset = self.store.stages(self.run_id)[idx]["events_offset"] or 0
             code = self._follow(procs, self.backend.events_path(sl), idx, offset)
             self.backend.finish_stage(sl)
@@ -243,6 +254,11 @@ class Supervisor:
             if self.stop_requested:
                 self.store.update_stage(self.run_id, idx, status="stopped")
                 raise Stopped(f"stopped during stage {st.name!r}" + (" (checkpointed)" if state == "stopped" else ""))
+            requeue = self.backend.requeue_reason(procs)
+            ck = latest_checkpoint(sl.checkpoints)
+            if requeue and ck is not None and ck != ck0:  # progress was saved: not a crash
+                self.event(state="requeued", stage_name=st.name, reason=requeue, resume_from=ck.name)
+                continue
             restarts = (self.store.stages(self.run_id)[idx]["restarts"] or 0) + 1
             why = {LOST: "the trainer vanished without an exit status (killed?)"}.get(code, f"exit {code}")
             if state == "failed" and reason:

@@ -16,6 +16,7 @@ nodes) and by the manager and UI, so it imports nothing heavy (no torch).
         events.jsonl           the trainer's events (rank 0)
         train.log              every process's output
         exit.ATTEMPT.I         a local keeper's exit status
+        slurm.ATTEMPT.sbatch / .exit / .signalled   a Slurm job: its script, exit status, pre-timeout TERM seen
         checkpoints/step-N/    complete checkpoints (trainer_state.json written last)
         checkpoints/.tmp-step-N/   one being written
         final/                 the exported Hugging Face model (.tmp-final while written)
@@ -93,6 +94,18 @@ class StageLayout:
 
     def exit_file(self, attempt: int, index: int) -> Path:
         return self.root / f"exit.{attempt}.{index}"
+
+    def sbatch_script(self, attempt: int) -> Path:
+        """The generated batch script of a Slurm stage attempt."""
+        return self.root / f"slurm.{attempt}.sbatch"
+
+    def job_exit(self, attempt: int) -> Path:
+        """A Slurm batch job's exit status, written by its script (survives Slurm forgetting the job)."""
+        return self.root / f"slurm.{attempt}.exit"
+
+    def job_signalled(self, attempt: int) -> Path:
+        """Present when the batch shell got Slurm's pre-time-limit / preemption TERM."""
+        return self.root / f"slurm.{attempt}.signalled"
 
 
 class BenchmarkLayout:

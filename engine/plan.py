@@ -34,6 +34,8 @@ def world_size(preset: Preset) -> int:
     c = preset.cluster
     if c.kind == "local":
         return c.processes_per_node
+    if c.kind == "slurm":
+        return c.slurm.nodes * c.processes_per_node
     return sum(n.processes or c.processes_per_node for n in c.nodes)
 
 

@@ -333,18 +333,39 @@ class NodeSpec(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+class SlurmSpec(_Strict):
+    """`cluster.slurm`: one batch job per stage attempt (see cpt_tui/backends/slurm.py)."""
+    nodes: int = Field(1, gt=0, description="nodes per stage job (one accelerate launch each)")
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: Optional[str] = Field(None, description="per stage job, e.g. 24:00:00")
+    gres: Optional[str] = Field(None, description="e.g. gpu:8")
+    constraint: Optional[str] = None
+    extra: list[str] = Field(default_factory=list, description="more sbatch options, e.g. --exclusive")
+    login: Optional[str] = Field(None, description="null: sbatch/squeue/scancel here; or an ssh destination")
+    python: str = Field("python3", description="the nodes' Python with the engine installed")
+    signal_grace: int = Field(300, ge=0, description="seconds before the time limit: TERM (checkpoint), then requeue")
+    job_name: Optional[str] = None
+
+
 class ClusterSpec(_Strict):
-    kind: Literal["local", "ssh"] = "local"
+    kind: Literal["local", "ssh", "slurm"] = "local"
     processes_per_node: int = Field(1, gt=0)
     nodes: list[NodeSpec] = Field(default_factory=list)
     main_process_port: int = Field(29500, gt=0, lt=65536)
     env: dict[str, str] = Field(default_factory=dict, description="propagated to every node")
     ssh_options: list[str] = Field(default_factory=list)
+    slurm: Optional[SlurmSpec] = None
 
     @model_validator(mode="after")
     def _nodes(self):
         if self.kind == "ssh" and not self.nodes:
             raise ValueError("kind: ssh needs at least one entry in `nodes`")
+        if self.kind == "slurm" and self.slurm is None:
+            self.slurm = SlurmSpec()
+        if self.slurm is not None and self.kind != "slurm":
+            raise ValueError("`slurm` is only used with kind: slurm")
         return self
 
 

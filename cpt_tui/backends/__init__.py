@@ -5,6 +5,8 @@
   session; it outlives a dead supervisor and is re-attached by the next one.
 - `ssh` (cpt_tui/backends/ssh.py): one `accelerate launch` per node over OpenSSH, each under the
   guard, which ends the node's process tree when the ssh channel closes (no orphans on GPU nodes).
+- `slurm` (cpt_tui/backends/slurm.py): one batch job per stage attempt (a generated sbatch script
+  that sruns one `accelerate launch` per node); jobs outlive the supervisor and are re-adopted by id.
 
 Everything here builds argv LISTS; nothing is run through a local shell (cpt_tui/backends/shell.py
 quotes the one remote command string). The UI process imports this package: it must not import torch.
@@ -94,6 +96,10 @@ class Backend(ABC):
       `start_telemetry(cmd, stdout, stderr)` starts one (guarded: ends with its channel/manager).
     - `prepare_stage(layout)` / `finish_stage(layout)`: push a stage's inputs to / pull its outputs
       from the nodes (no-ops with a shared run directory).
+    - `requeue_reason(procs)`, once they ended: why the stage should be started again WITHOUT counting
+      a crash (a scheduler's time limit or preemption after the trainer's checkpoint), or None.
+      The supervisor requeues only if a newer checkpoint exists than when the attempt began.
+    - `scheduler_state(procs)`: a small dict for the runs list (Slurm: job, state, reason), or None.
     """
 
     kind: str = ""
@@ -153,12 +159,22 @@ class Backend(ABC):
     def finish_stage(self, layout: StageLayout) -> None:
         """Shared run directory: the stage's outputs are already here."""
 
+    def requeue_reason(self, procs: Sequence[Proc]) -> Optional[str]:
+        """No scheduler: every unsuccessful end follows the restart policy."""
+        return None
+
+    def scheduler_state(self, procs: Sequence[Proc]) -> Optional[dict]:
+        return None
+
 
 def backend_for(cluster: ClusterSpec, **kw) -> Backend:
     """The backend for `cluster.kind` (kw: python, cpu, ssh_config, kill_grace, local_env)."""
     if cluster.kind == "ssh":
         from cpt_tui.backends.ssh import SshBackend
         return SshBackend(cluster, **kw)
+    if cluster.kind == "slurm":
+        from cpt_tui.backends.slurm import SlurmBackend
+        return SlurmBackend(cluster, **kw)
     from cpt_tui.backends.local import LocalBackend
     return LocalBackend(cluster, **kw)
 

@@ -39,7 +39,9 @@ def _nodes_of(run: dict, cache: dict) -> str:
         import yaml
         data = yaml.safe_load(RunLayout(run["run_dir"]).preset.read_text())
         cluster = (data or {}).get("cluster") or {}
-        if cluster.get("kind") == "ssh":
+        if cluster.get("kind") == "slurm":
+            label = f"slurm ×{((cluster.get('slurm') or {}).get('nodes') or 1)}"
+        elif cluster.get("kind") == "ssh":
             hosts = [n.get("host", "?") for n in cluster.get("nodes", [])]
             label = f"{len(hosts)}: " + ",".join(hosts) if len(hosts) > 1 else (hosts[0] if hosts else "?")
         else:
@@ -48,6 +50,21 @@ def _nodes_of(run: dict, cache: dict) -> str:
         pass
     cache[run["id"]] = label
     return label
+
+
+def scheduler_label(stages: list) -> str:
+    """The scheduler's view of the latest stage job: `job 12 PENDING (Resources)`, `job 12 RUNNING`."""
+    for s in reversed(stages):
+        text = s.get("scheduler")
+        if text:
+            try:
+                d = json.loads(text)
+            except ValueError:
+                return ""
+            reason = d.get("reason")
+            why = f" ({reason})" if reason and reason != "None" and d.get("state") == "PENDING" else ""
+            return f"job {d.get('job')} {d.get('state')}{why}"
+    return ""
 
 
 def run_rows(store: Store, nodes_cache: Optional[dict] = None) -> list[RunRow]:
@@ -69,8 +86,10 @@ def run_rows(store: Store, nodes_cache: Optional[dict] = None) -> list[RunRow]:
         elif r["status"] == "done":
             eta = 0.0
         started = r["started"] or r["created"]
+        nodes = _nodes_of(r, nodes_cache)
+        sched = scheduler_label(stages)
         cells = (r["id"], r["status"], r["preset"], f"{cur + 1}/{n}", progress_bar(frac), fmt_si(tokens),
-                 fmt_num(r.get("last_loss")), fmt_si(tps), fmt_duration(eta), _nodes_of(r, nodes_cache),
+                 fmt_num(r.get("last_loss")), fmt_si(tps), fmt_duration(eta), f"{nodes}: {sched}" if sched else nodes,
                  fmt_time(started))
         sort = (r["id"], r["status"], r["preset"], cur, frac, tokens, r.get("last_loss") or 0.0, tps or 0.0,
                 eta if eta is not None else math.inf, cells[9], started or 0)

@@ -19,15 +19,22 @@ from textual.widgets import Button, Header, Input, Select, Static
 from cpt_tui import paths
 from cpt_tui.ui.widgets import KeysFooter, Note
 
-TARGETS = [("this machine (local)", "local"), ("the preset's nodes (ssh)", "nodes")]
+TARGETS = [("this machine (local)", "local"), ("the preset's nodes (ssh)", "nodes"),
+           ("the preset's Slurm cluster (sbatch)", "slurm")]
 
 
 def launchable(preset_ref: str, target: str) -> Path:
     """The preset file to launch: the preset itself, or a copy with `cluster.kind: local` when a
-    preset with nodes is run here. Raises ValueError for nodes without any."""
+    preset with nodes (or a Slurm cluster) is run here. Raises ValueError for nodes without any, or
+    Slurm without `kind: slurm`."""
     path = paths.find_preset(preset_ref)
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     cluster = data.get("cluster") or {}
+    if target == "slurm":
+        if cluster.get("kind") != "slurm":
+            raise ValueError(f"{path}: cluster is not a Slurm cluster (kind: {cluster.get('kind', 'local')}); "
+                             "set cluster.kind: slurm and a `slurm:` block, or launch locally")
+        return path
     if target == "nodes":
         if cluster.get("kind") != "ssh":
             raise ValueError(f"{path}: cluster has no nodes (kind: {cluster.get('kind', 'local')}); "
