@@ -197,12 +197,20 @@ _PREP_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
 from pathlib import Path
+import engine.data.pack as pack
 from engine.data.pack import Tokenizer, prepare_source
 from engine.spec import SourceSpec
+_batches, read = pack._batches, [0]
+def counting(reader, after):  # how many documents this run reads and encodes (independent of timing)
+    for meta, texts in _batches(reader, after):
+        read[0] += len(texts)
+        yield meta, texts
+pack._batches = counting
 tok = Tokenizer({tok!r})
 spec = SourceSpec(path={src!r}, val_tokens=3000, keep_boundaries=True)
 prepare_source(spec, "src", tok, Path({out!r}), tok.fingerprint({tok!r}),
                progress=lambda p: print("PROGRESS", p["bytes_this_run"], p["total_bytes"], flush=True))
+print("READ", read[0], flush=True)
 print("DONE", flush=True)
 """
 
@@ -225,12 +233,17 @@ def test_kill_9_then_rerun_gives_identical_bytes(tmp_path, data_tok_dir, monkeyp
     assert p.returncode == -signal.SIGKILL
     prog = tmp_path / "killed" / "progress.json"
     assert not (tmp_path / "killed" / "manifest.json").exists()  # nothing half-done is complete
-    committed = json.loads(prog.read_text())["state"]["bytes"]
+    state = json.loads(prog.read_text())["state"]
+    committed, committed_docs = state["bytes"], state["counters"]["docs"]
+    assert 0 < committed_docs < len(docs)
     r = _run_prep(src, tmp_path / "killed", data_tok_dir, {**env, "CPT_PREP_WORKERS": "1"})
     out, _ = r.communicate(timeout=300)
     assert r.returncode == 0 and "DONE" in out
+    # The rerun continued from the commit: it read exactly the documents after it, not the whole input.
+    reread = int(next(l.split()[1] for l in out.splitlines() if l.startswith("READ")))
+    assert reread == len(docs) - committed_docs, (reread, committed_docs)
     first = [l.split() for l in out.splitlines() if l.startswith("PROGRESS")]
-    if first:  # the rerun continued: it read less than the whole input
+    if first:
         assert int(first[-1][1]) <= int(first[-1][2]) - committed + 1
     monkeypatch.setenv("CPT_SHARD_TOKENS", env["CPT_SHARD_TOKENS"])
     tok = Tokenizer(data_tok_dir)

@@ -300,11 +300,24 @@ def test_relora_merges_reinitialises_and_rewarms(prepared, tmp_path):
                          schedule={"name": "constant", "lr": 4e-3, "warmup_steps": 1},
                          lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"],
                                "relora": {"merge_every": 3, "warm_start_steps": 2, "reset": "prune",
-                                          "prune_ratio": 0.9, "rewarmup_steps": 2}})
+                                          "prune_ratio": 0.9, "rewarmup_steps": 2}},
+                         checkpoint={"every_steps": 5, "keep_last": 5})
     assert_done(launch(argv, out), out)
     ev = events(out)
     rel = [(e["step"], e["action"]) for e in ev if e["type"] == "relora"]
     assert rel == [(2, "switch"), (5, "merge"), (8, "merge")]
+    # The checkpoint of step 5 is written right after its merge: the adapters' Adam moments (lora_A
+    # is (r=4, 32), lora_B is (32, r=4); no other parameter has those shapes) were magnitude-pruned to
+    # the largest 10% — 115 of each 128 dropped; step 10's, two steps after the last merge, are dense again.
+    def adapter_moments(step):
+        st = torch.load(out / "checkpoints" / f"step-{step}" / "optimizer.pt", weights_only=False)["state"]
+        return [t for s in st.values() for k, t in s.items()
+                if k in ("exp_avg", "exp_avg_sq") and tuple(t.shape) in ((4, 32), (32, 4))]
+    pruned, dense = adapter_moments(5), adapter_moments(10)
+    assert len(pruned) == 2 * 2 * 2 * 2  # 2 layers × (q, v) × (A, B) × 2 moments
+    assert all(int((t != 0).sum()) <= 128 - 115 for t in pruned), [int((t != 0).sum()) for t in pruned]
+    assert sum(int((t != 0).sum()) for t in pruned) > 0  # pruned, not zeroed
+    assert sum(int((t != 0).sum()) for t in dense) > 16 * 128 * 0.5
     assert all(e["delta_norm"] > 0 for e in ev if e["type"] == "relora" and e["action"] == "merge")
     lr = {e["step"]: e["lr"] for e in ev if e["type"] == "metric"}
     # jagged: half the LR on the first step after each restart, full on the next
