@@ -119,3 +119,54 @@ def test_relora_merge_keeps_the_function_and_reinitialises():
     assert int((opt.state[p]["exp_avg_sq"] != 0).sum()) == 10
     reset_optimizer_state(opt, [p], "optimizer", 0.0)
     assert not opt.state[p]["exp_avg"].any() and not opt.state[p]["exp_avg_sq"].any()
+
+
+def test_row_guard_hook_decay_restore_groups_and_patterns():
+    """EEVE's "new rows": the hook zeroes the old rows' gradient, decay touches the new rows only,
+    restore puts the old rows back bit-for-bit; AdamW groups: matrices decay, vectors do not, guarded
+    tensors are decayed by hand; `include` trains, then `exclude` freezes."""
+    from engine.trainable import apply_trainable, param_groups
+
+    m = _tiny(vocab=96)
+    g = apply_trainable(m, TrainableSpec(input_embeddings="new", output_embeddings="new", transformer="frozen"), 64)
+    emb, head = m.get_input_embeddings().weight, m.get_output_embeddings().weight
+    assert g.params() == [emb, head]
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["model.embed_tokens.weight", "lm_head.weight"]
+    groups = param_groups(m, 0.1, g)
+    assert [(len(x["params"]), x["weight_decay"]) for x in groups] == [(2, 0.0)]  # no AdamW decay on guarded rows
+    m(input_ids=torch.randint(0, 96, (2, 8)), labels=torch.randint(0, 96, (2, 8))).loss.backward()
+    for p in (emb, head):
+        assert not p.grad[:64].any() and p.grad[64:].any()
+    w0 = emb.detach().clone()
+    g.decay(lr=0.5, weight_decay=0.1)
+    assert torch.equal(emb[:64], w0[:64]) and torch.equal(emb[64:], w0[64:] * (1 - 0.05))
+    with torch.no_grad():
+        emb.add_(1.0)
+    g.restore()
+    assert torch.equal(emb[:64], w0[:64]) and torch.equal(emb[64:], w0[64:] * (1 - 0.05) + 1.0)
+
+    m = _tiny(vocab=96)
+    g = apply_trainable(m, TrainableSpec(input_embeddings="all", output_embeddings="none", transformer="trainable",
+                                         include=["lm_head"], exclude=["layers\\.0\\.mlp", "lm_head"]), None)
+    assert not g
+    trains = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert "lm_head.weight" not in trains and not any(".mlp." in n for n in trains)  # exclude wins over include
+    assert "model.embed_tokens.weight" in trains and "model.layers.0.self_attn.q_proj.weight" in trains
+    decay, no_decay = param_groups(m, 0.1, g)
+    assert decay["weight_decay"] == 0.1 and all(p.ndim == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and no_decay["params"] and all(p.ndim == 1 for p in no_decay["params"])
+    # tied: "all" on either side wins over "new" (one tensor: the union of the rows)
+    m = _tiny(tied=True)
+    g = apply_trainable(m, TrainableSpec(input_embeddings="new", output_embeddings="all", transformer="frozen"), 64)
+    assert not g and m.get_input_embeddings().weight.requires_grad
+
+
+def test_relora_phases_switch_who_learns():
+    from engine.lora import apply_lora, base_weights, lora_params, set_relora_phase
+
+    m = apply_lora(_tiny(), LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    full = base_weights(m)
+    set_relora_phase(m, True, full)  # warm start: the base matrices learn, the adapters wait
+    assert all(p.requires_grad for p in full) and not any(p.requires_grad for p in lora_params(m))
+    set_relora_phase(m, False, full)
+    assert not any(p.requires_grad for p in full) and all(p.requires_grad for p in lora_params(m))

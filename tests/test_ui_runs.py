@@ -191,3 +191,57 @@ def test_detail_reuse_draws_with_data_and_hidden_screens_rest(sample):
             await pilot.press("escape")
             await until(pilot, lambda: app.screen is runs)
     asyncio.run(go())
+
+
+def test_delete_with_directory_and_refusal_for_a_live_run(sample):
+    """Ticking the box removes the run directory (rmtree: data loss, so only that run's); a run whose
+    supervisor lives is refused, rows and directory untouched."""
+    import socket
+    import subprocess
+    import sys
+
+    from cpt_tui.store import Store
+
+    root = sample.parent / "runs"
+    (root / sample_db.DONE / "stages" / "base" / "checkpoints" / "step-48").mkdir(parents=True)
+    (root / sample_db.LIVE / "stages" / "base" / "checkpoints" / "step-8").mkdir(parents=True)
+    # A process that looks like the live run's supervisor (its command line names the module and the run).
+    sup = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "cpt_tui.supervisor", sample_db.LIVE])
+    try:
+        with Store(sample) as store:
+            store.update_run(sample_db.LIVE, pid=sup.pid, host=socket.gethostname())
+        live_rows = _rows_per_table(sample, sample_db.LIVE)
+
+        async def go():
+            app = CptApp(sample, keymap={})
+            async with app.run_test(size=(180, 45)) as pilot:
+                await until(pilot, lambda: type(app.screen).__name__ == "RunsScreen" and app.screen.polls)
+                runs = app.screen
+                table = runs.query_one("#runs", DataTable)
+                for rid in (sample_db.LIVE, sample_db.DONE):
+                    table.move_cursor(row=[table.get_row_at(i)[0] for i in range(table.row_count)].index(rid))
+                    await pilot.pause(0.1)
+                    assert runs.selected_id() == rid
+                    await pilot.press("d")
+                    await until(pilot, lambda: type(app.screen).__name__ == "ConfirmDelete")
+                    await pilot.click("#with-files")
+                    await pilot.pause(0.1)
+                    assert app.screen.query_one("#with-files").value is True
+                    await pilot.click("#confirm")
+                    await until(pilot, lambda: type(app.screen).__name__ == "RunsScreen")
+                    await app.workers.wait_for_complete()
+                    await pilot.pause(0.3)
+                    if rid == sample_db.LIVE:  # refused
+                        assert table.row_count == 3
+                await until(pilot, lambda: table.row_count == 2)
+                assert sample_db.DONE not in [table.get_row_at(i)[0] for i in range(2)]
+        asyncio.run(go())
+        assert sup.poll() is None  # the supervisor was not touched
+        assert _rows_per_table(sample, sample_db.LIVE) == live_rows
+        assert (root / sample_db.LIVE / "stages" / "base" / "checkpoints" / "step-8").is_dir()
+        assert not (root / sample_db.DONE).exists()  # the box was ticked: the directory is gone
+        assert (root / sample_db.FAILED).is_dir()
+        assert set(_rows_per_table(sample, sample_db.DONE).values()) == {0}
+    finally:
+        sup.kill()
+        sup.wait()
