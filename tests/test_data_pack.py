@@ -93,6 +93,7 @@ def test_packing_is_exact(docs, shard, seq_len, bos, data_tok_dir, monkeypatch):
     """Decoding the shards gives back every kept document, in order, each followed by EOS; the blocks
     of any seq_len are exactly the stream cut in order (nothing lost, nothing duplicated)."""
     monkeypatch.setenv("CPT_SHARD_TOKENS", str(shard))
+    monkeypatch.setattr("engine.data.pack.BATCH_DOCS", 3)  # several encode batches: offsets carried across them
     tok = Tokenizer(data_tok_dir, add_bos=bos)
     kept = [d for d in docs if d.strip()]
     with tempfile.TemporaryDirectory() as d:
@@ -104,8 +105,9 @@ def test_packing_is_exact(docs, shard, seq_len, bos, data_tok_dir, monkeypatch):
             return
         man = prep(spec, tok, Path(d) / "out", data_tok_dir)
         stream = open_tokens(Path(d) / "out")
-        expect = [tok.bos_id] * 0
+        expect, starts = [], []
         for doc in kept:
+            starts.append(len(expect))
             expect += ([tok.bos_id] if bos else []) + tok.backend.encode(doc, add_special_tokens=False).ids + [tok.eos_id]
         assert np.asarray(stream[:]).tolist() == expect
         assert decode_docs(tok, stream) == kept
@@ -114,6 +116,7 @@ def test_packing_is_exact(docs, shard, seq_len, bos, data_tok_dir, monkeypatch):
         # Boundary index: each training document starts where the index says.
         b = np.asarray(open_boundaries(Path(d) / "out"))
         lens = np.diff(np.append(b, len(expect)))
+        assert b.tolist() == starts  # exactly the start offset of every training document
         assert len(b) == len(kept) and all(expect[int(s) + int(n) - 1] == tok.eos_id for s, n in zip(b, lens))
         # Blocks of seq_len: the stream cut in order, across shard boundaries.
         n = len(stream) // seq_len
