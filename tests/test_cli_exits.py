@@ -10,7 +10,7 @@ import sys
 
 from cpt_tui.procs import proc_alive
 from tests.demo_run import ROOT, run_cli, tiny_preset, wait_for
-from tests.test_supervisor import events, run_row, start, wait_done
+from tests.test_supervisor import events, run_row, wait_done
 
 
 def test_foreground_run_and_attach_of_a_failing_run_exit_1(cpt_home, tmp_path):

@@ -13,13 +13,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import pytest
 
 from cpt_tui.procs import proc_alive
 from tests.demo_run import ROOT, run_cli, tiny_preset, wait_for
+from tests.hosts import require
 from tests.test_supervisor import assert_rows_equal_events, db, events, run_row, start, trainer_pids, wait_done
 
 
@@ -28,10 +26,7 @@ def _adoptions(env, run_id) -> int:
 
 
 def test_every_entry_point_readopts_an_orphaned_run(cpt_home, tmp_path):
-    if shutil.which("tmux") is None:
-        if os.environ.get("CI"):
-            pytest.fail("tmux missing under CI (.ci/setup-hosts.sh installs it)")
-        pytest.skip("tmux not installed")
+    require(shutil.which("tmux") is not None, "tmux not installed (.ci/setup-hosts.sh)")
     env = {**cpt_home, "CPT_FAULT_SLOW_S": "0.1"}
     preset = tiny_preset(tmp_path / "p.yaml", [("s1", 60)], every=20)
     run_id = start(env, preset, "--telemetry-interval", "0")
