@@ -93,6 +93,7 @@ def test_packing_is_exact(docs, shard, seq_len, bos, data_tok_dir, monkeypatch):
     """Decoding the shards gives back every kept document, in order, each followed by EOS; the blocks
     of any seq_len are exactly the stream cut in order (nothing lost, nothing duplicated)."""
     monkeypatch.setenv("CPT_SHARD_TOKENS", str(shard))
+    monkeypatch.setattr("engine.data.pack.BATCH_DOCS", 3)  # several encode batches: offsets carried across them
     tok = Tokenizer(data_tok_dir, add_bos=bos)
     kept = [d for d in docs if d.strip()]
     with tempfile.TemporaryDirectory() as d:
@@ -104,8 +105,9 @@ def test_packing_is_exact(docs, shard, seq_len, bos, data_tok_dir, monkeypatch):
             return
         man = prep(spec, tok, Path(d) / "out", data_tok_dir)
         stream = open_tokens(Path(d) / "out")
-        expect = [tok.bos_id] * 0
+        expect, starts = [], []
         for doc in kept:
+            starts.append(len(expect))
             expect += ([tok.bos_id] if bos else []) + tok.backend.encode(doc, add_special_tokens=False).ids + [tok.eos_id]
         assert np.asarray(stream[:]).tolist() == expect
         assert decode_docs(tok, stream) == kept
@@ -114,6 +116,7 @@ def test_packing_is_exact(docs, shard, seq_len, bos, data_tok_dir, monkeypatch):
         # Boundary index: each training document starts where the index says.
         b = np.asarray(open_boundaries(Path(d) / "out"))
         lens = np.diff(np.append(b, len(expect)))
+        assert b.tolist() == starts  # exactly the start offset of every training document
         assert len(b) == len(kept) and all(expect[int(s) + int(n) - 1] == tok.eos_id for s, n in zip(b, lens))
         # Blocks of seq_len: the stream cut in order, across shard boundaries.
         n = len(stream) // seq_len
@@ -197,12 +200,20 @@ _PREP_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
 from pathlib import Path
+import engine.data.pack as pack
 from engine.data.pack import Tokenizer, prepare_source
 from engine.spec import SourceSpec
+_batches, read = pack._batches, [0]
+def counting(reader, after):  # how many documents this run reads and encodes (independent of timing)
+    for meta, texts in _batches(reader, after):
+        read[0] += len(texts)
+        yield meta, texts
+pack._batches = counting
 tok = Tokenizer({tok!r})
 spec = SourceSpec(path={src!r}, val_tokens=3000, keep_boundaries=True)
 prepare_source(spec, "src", tok, Path({out!r}), tok.fingerprint({tok!r}),
                progress=lambda p: print("PROGRESS", p["bytes_this_run"], p["total_bytes"], flush=True))
+print("READ", read[0], flush=True)
 print("DONE", flush=True)
 """
 
@@ -225,12 +236,17 @@ def test_kill_9_then_rerun_gives_identical_bytes(tmp_path, data_tok_dir, monkeyp
     assert p.returncode == -signal.SIGKILL
     prog = tmp_path / "killed" / "progress.json"
     assert not (tmp_path / "killed" / "manifest.json").exists()  # nothing half-done is complete
-    committed = json.loads(prog.read_text())["state"]["bytes"]
+    state = json.loads(prog.read_text())["state"]
+    committed, committed_docs = state["bytes"], state["counters"]["docs"]
+    assert 0 < committed_docs < len(docs)
     r = _run_prep(src, tmp_path / "killed", data_tok_dir, {**env, "CPT_PREP_WORKERS": "1"})
     out, _ = r.communicate(timeout=300)
     assert r.returncode == 0 and "DONE" in out
+    # The rerun continued from the commit: it read exactly the documents after it, not the whole input.
+    reread = int(next(l.split()[1] for l in out.splitlines() if l.startswith("READ")))
+    assert reread == len(docs) - committed_docs, (reread, committed_docs)
     first = [l.split() for l in out.splitlines() if l.startswith("PROGRESS")]
-    if first:  # the rerun continued: it read less than the whole input
+    if first:
         assert int(first[-1][1]) <= int(first[-1][2]) - committed + 1
     monkeypatch.setenv("CPT_SHARD_TOKENS", env["CPT_SHARD_TOKENS"])
     tok = Tokenizer(data_tok_dir)

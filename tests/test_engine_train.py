@@ -64,6 +64,15 @@ def prepared(tmp_path_factory) -> dict:
     return {"tokenizer_dir": str(tok_dir), "model_dir": str(d / "model"), "sources": sources, "vocab": len(tok)}
 
 
+def _require_deepspeed() -> None:
+    """deepspeed is a hard dependency (pyproject.toml): missing, it is a broken install — a failure under CI."""
+    import importlib.util
+
+    from tests.hosts import require
+
+    require(importlib.util.find_spec("deepspeed") is not None, "deepspeed is not installed")
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -252,6 +261,34 @@ def test_start_resume_from_another_stage_keeps_step_and_data_and_honours_load_fl
     assert got["fresh"][8]["loss"] != ref_metrics[8]["loss"]  # a fresh AdamW takes another first step
 
 
+def test_init_from_a_checkpoint_and_checkpoints_by_tokens_keep_last_and_at_the_end(prepared, reference, tmp_path):
+    """`start: init_from` (the plan makes `model_dir` the source: here the reference's step-6
+    checkpoint) takes the weights only: step 0, the data from its start, a fresh AdamW, the LR warming up.
+    Checkpoints every 1280 tokens (5 steps of 256) and at the end of the stage; keep_last 2 prunes."""
+    _, ref = reference
+    ref_ev = events(ref)
+    out = tmp_path / "init"
+    _, argv = make_stage(prepared, out, model_dir=str(ref / "checkpoints" / "step-6"),
+                         checkpoint={"every_tokens": 5 * 8 * SEQ, "keep_last": 2})
+    assert_done(launch(argv, out), out)
+    ev = events(out)
+    running = next(e for e in ev if e["type"] == "status" and e["state"] == "running")
+    assert running["step"] == 0 and running.get("resumed_from") is None
+    # the weights are the step-6 ones: the baseline evaluation at step 0 equals the reference's at step 6
+    base = {e["domain"]: e["loss"] for e in ev if e["type"] == "eval" and e["step"] == 0}
+    assert base and base == {e["domain"]: e["loss"] for e in ref_ev if e["type"] == "eval" and e["step"] == 6}
+    got = {e["step"]: e for e in ev if e["type"] == "metric"}
+    want = {e["step"]: e for e in ref_ev if e["type"] == "metric"}
+    assert sorted(got) == list(range(1, 13)) and all(got[k]["tokens"] == want[k]["tokens"] for k in got)
+    assert [got[k]["lr"] for k in (1, 2, 3)] == [want[k]["lr"] for k in (1, 2, 3)]  # warmup from step 0
+    assert got[1]["loss"] < want[1]["loss"] - 0.1  # trained weights on the first batch
+    assert [e["step"] for e in ev if e["type"] == "checkpoint"] == [5, 10, 12]  # by tokens, then the end
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-12"]  # keep_last 2
+    opt = torch.load(out / "checkpoints" / "step-10" / "optimizer.pt", weights_only=False)["state"]
+    assert opt and {float(s["step"]) for s in opt.values()} == {10.0}  # a fresh AdamW: 10 steps, not 6 + 10
+    assert json.loads((out / "checkpoints" / "step-12" / "trainer_state.json").read_text())["step"] == 12
+
+
 # --------------------------------------------------------------------------- what trains
 
 
@@ -300,11 +337,24 @@ def test_relora_merges_reinitialises_and_rewarms(prepared, tmp_path):
                          schedule={"name": "constant", "lr": 4e-3, "warmup_steps": 1},
                          lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"],
                                "relora": {"merge_every": 3, "warm_start_steps": 2, "reset": "prune",
-                                          "prune_ratio": 0.9, "rewarmup_steps": 2}})
+                                          "prune_ratio": 0.9, "rewarmup_steps": 2}},
+                         checkpoint={"every_steps": 5, "keep_last": 5})
     assert_done(launch(argv, out), out)
     ev = events(out)
     rel = [(e["step"], e["action"]) for e in ev if e["type"] == "relora"]
     assert rel == [(2, "switch"), (5, "merge"), (8, "merge")]
+    # The checkpoint of step 5 is written right after its merge: the adapters' Adam moments (lora_A
+    # is (r=4, 32), lora_B is (32, r=4); no other parameter has those shapes) were magnitude-pruned to
+    # the largest 10% — 115 of each 128 dropped; step 10's, two steps after the last merge, are dense again.
+    def adapter_moments(step):
+        st = torch.load(out / "checkpoints" / f"step-{step}" / "optimizer.pt", weights_only=False)["state"]
+        return [t for s in st.values() for k, t in s.items()
+                if k in ("exp_avg", "exp_avg_sq") and tuple(t.shape) in ((4, 32), (32, 4))]
+    pruned, dense = adapter_moments(5), adapter_moments(10)
+    assert len(pruned) == 2 * 2 * 2 * 2  # 2 layers × (q, v) × (A, B) × 2 moments
+    assert all(int((t != 0).sum()) <= 128 - 115 for t in pruned), [int((t != 0).sum()) for t in pruned]
+    assert sum(int((t != 0).sum()) for t in pruned) > 0  # pruned, not zeroed
+    assert sum(int((t != 0).sum()) for t in dense) > 16 * 128 * 0.5
     assert all(e["delta_norm"] > 0 for e in ev if e["type"] == "relora" and e["action"] == "merge")
     lr = {e["step"]: e["lr"] for e in ev if e["type"] == "metric"}
     # jagged: half the LR on the first step after each restart, full on the next
@@ -343,10 +393,17 @@ def test_nan_skip_policy_fp16_on_cpu_and_context_extension(prepared, tmp_path):
     conf = json.loads((out / "final" / "config.json").read_text())
     theta = (conf.get("rope_parameters") or {}).get("rope_theta", conf.get("rope_theta"))
     assert theta == 50000.0 and conf["max_position_embeddings"] >= 64
+    # The blocks trained were 64 tokens long (data and model were prepared for 32): the token budget
+    # cut into 8 blocks a step gave 6 steps (32-token blocks would give 12), and tokens/step is 8 × 64.
+    cfg = json.loads((out / "stage.json").read_text())
+    running = next(e for e in ev if e["type"] == "status" and e["state"] == "running")
+    assert cfg["mixture"]["tokens"] // (running["total_steps"] * 8) == 64 and running["total_steps"] == 6
+    assert {e["step"]: e["tokens"] for e in ev if e["type"] == "metric"} == {k: k * 8 * 64 for k in (1, 2, 4, 5, 6)}
+    assert all(e["tokens"] == e["step"] * 8 * 64 for e in ev if e["type"] in ("eval", "metric"))
 
 
 def test_deepspeed_zero2_two_processes_trains_and_resumes(prepared, tmp_path):
-    pytest.importorskip("deepspeed")
+    _require_deepspeed()
     out = tmp_path / "ds"
     _, argv = make_stage(prepared, out, world=2, steps=6, zero_stage=2, checkpoint={"every_steps": 3, "keep_last": 1},
                          eval={"every_steps": 100, "max_blocks": 4})
@@ -366,7 +423,7 @@ def test_deepspeed_zero2_two_processes_trains_and_resumes(prepared, tmp_path):
 def test_deepspeed_zero3_two_processes_exports_the_gathered_model(prepared, tmp_path):
     """ZeRO-3 partitions every weight over the ranks: the export must gather them. The exported
     model, evaluated by plain transformers, gives the engine's own last validation loss."""
-    pytest.importorskip("deepspeed")
+    _require_deepspeed()
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "z3"

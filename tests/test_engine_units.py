@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -18,18 +20,36 @@ def _tiny(tied=False, vocab=96):
                                         num_attention_heads=2, tie_word_embeddings=tied))
 
 
+# lr(k) pinned at chosen steps, computed by hand from each schedule's definition (lr 1, min_lr 0.1,
+# 100 steps, warmup 10 → decay over steps 10..99, span 90; WSD decays over the last 20%, span 20).
+_PINNED = {
+    "constant": {10: 1.0, 40: 1.0, 99: 1.0},
+    "inverse_sqrt": {10: math.sqrt(10 / 11), 39: 0.5, 99: math.sqrt(10 / 100)},  # sqrt(warmup / (k + 1))
+    "linear": {10: 1.0, 40: 0.1 + 0.9 * (1 - 30 / 90), 55: 0.55, 99: 0.1 + 0.9 / 90},
+    "cosine": {10: 1.0, 40: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 3)), 55: 0.55,
+               70: 0.1 + 0.9 * 0.5 * (1 + math.cos(2 * math.pi / 3)), 99: 0.1 + 0.45 * (1 + math.cos(math.pi * 89 / 90))},
+    "wsd": {10: 1.0, 79: 1.0, 80: 1.0, 90: 0.55, 99: 0.1 + 0.9 / 20},
+}
+
+
 @pytest.mark.parametrize("name", ["cosine", "linear", "constant", "wsd", "inverse_sqrt"])
 def test_schedules_warm_up_then_follow_their_shape(name):
     s = Schedule(ScheduleSpec(name=name, lr=1.0, min_lr=0.1, warmup_ratio=0.1), total=100)
     lrs = [s.lr(i) for i in range(100)]
     assert s.warmup == 10 and lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[:10] == pytest.approx([(k + 1) / 10 for k in range(10)])  # linear warmup
     assert all(0.1 - 1e-9 <= x <= 1.0 + 1e-9 for x in lrs[10:])
-    if name in ("cosine", "linear"):
-        assert lrs[-1] < 0.12 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    pinned = _PINNED[name]
+    assert {k: lrs[k] for k in pinned} == pytest.approx(pinned)
+    if name in ("cosine", "linear", "inverse_sqrt"):
+        assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     if name == "wsd":
-        assert lrs[50] == 1.0 and lrs[79] == 1.0 and lrs[-1] < 0.2
+        assert lrs[10:80] == [1.0] * 70
     if name == "constant":
         assert lrs[10:] == [1.0] * 90
+    # the floor: inverse_sqrt never goes below min_lr however long the stage
+    if name == "inverse_sqrt":
+        assert Schedule(ScheduleSpec(name=name, lr=1.0, min_lr=0.2, warmup_steps=4), total=10_000).lr(9_999) == 0.2
 
 
 def test_schedule_restart_and_jagged_rewarmup():
@@ -92,7 +112,61 @@ def test_relora_merge_keeps_the_function_and_reinitialises():
     opt = torch.optim.AdamW([p])
     p.grad = torch.linspace(-1, 1, 100)
     opt.step()
+    big = opt.state[p]["exp_avg"].abs() >= opt.state[p]["exp_avg"].abs().sort().values[90]
     reset_optimizer_state(opt, [p], "prune", 0.9)
-    assert int((opt.state[p]["exp_avg"] != 0).sum()) == 10
+    kept = opt.state[p]["exp_avg"] != 0
+    assert int(kept.sum()) == 10 and torch.equal(kept, big)  # the largest 10% survive, the rest are zero
+    assert int((opt.state[p]["exp_avg_sq"] != 0).sum()) == 10
     reset_optimizer_state(opt, [p], "optimizer", 0.0)
     assert not opt.state[p]["exp_avg"].any() and not opt.state[p]["exp_avg_sq"].any()
+
+
+def test_row_guard_hook_decay_restore_groups_and_patterns():
+    """EEVE's "new rows": the hook zeroes the old rows' gradient, decay touches the new rows only,
+    restore puts the old rows back bit-for-bit; AdamW groups: matrices decay, vectors do not, guarded
+    tensors are decayed by hand; `include` trains, then `exclude` freezes."""
+    from engine.trainable import apply_trainable, param_groups
+
+    m = _tiny(vocab=96)
+    g = apply_trainable(m, TrainableSpec(input_embeddings="new", output_embeddings="new", transformer="frozen"), 64)
+    emb, head = m.get_input_embeddings().weight, m.get_output_embeddings().weight
+    assert g.params() == [emb, head]
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["model.embed_tokens.weight", "lm_head.weight"]
+    groups = param_groups(m, 0.1, g)
+    assert [(len(x["params"]), x["weight_decay"]) for x in groups] == [(2, 0.0)]  # no AdamW decay on guarded rows
+    m(input_ids=torch.randint(0, 96, (2, 8)), labels=torch.randint(0, 96, (2, 8))).loss.backward()
+    for p in (emb, head):
+        assert not p.grad[:64].any() and p.grad[64:].any()
+    w0 = emb.detach().clone()
+    g.decay(lr=0.5, weight_decay=0.1)
+    assert torch.equal(emb[:64], w0[:64]) and torch.equal(emb[64:], w0[64:] * (1 - 0.05))
+    with torch.no_grad():
+        emb.add_(1.0)
+    g.restore()
+    assert torch.equal(emb[:64], w0[:64]) and torch.equal(emb[64:], w0[64:] * (1 - 0.05) + 1.0)
+
+    m = _tiny(vocab=96)
+    g = apply_trainable(m, TrainableSpec(input_embeddings="all", output_embeddings="none", transformer="trainable",
+                                         include=["lm_head"], exclude=["layers\\.0\\.mlp", "lm_head"]), None)
+    assert not g
+    trains = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert "lm_head.weight" not in trains and not any(".mlp." in n for n in trains)  # exclude wins over include
+    assert "model.embed_tokens.weight" in trains and "model.layers.0.self_attn.q_proj.weight" in trains
+    decay, no_decay = param_groups(m, 0.1, g)
+    assert decay["weight_decay"] == 0.1 and all(p.ndim == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and no_decay["params"] and all(p.ndim == 1 for p in no_decay["params"])
+    # tied: "all" on either side wins over "new" (one tensor: the union of the rows)
+    m = _tiny(tied=True)
+    g = apply_trainable(m, TrainableSpec(input_embeddings="new", output_embeddings="all", transformer="frozen"), 64)
+    assert not g and m.get_input_embeddings().weight.requires_grad
+
+
+def test_relora_phases_switch_who_learns():
+    from engine.lora import apply_lora, base_weights, lora_params, set_relora_phase
+
+    m = apply_lora(_tiny(), LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    full = base_weights(m)
+    set_relora_phase(m, True, full)  # warm start: the base matrices learn, the adapters wait
+    assert all(p.requires_grad for p in full) and not any(p.requires_grad for p in lora_params(m))
+    set_relora_phase(m, False, full)
+    assert not any(p.requires_grad for p in full) and all(p.requires_grad for p in lora_params(m))

@@ -24,7 +24,7 @@ from cpt_tui.backends.shell import remote_script as _remote_script
 from cpt_tui.procs import start, terminate
 from cpt_tui.redact import redact
 from engine.spec import ClusterSpec, NodeSpec, StageSpec
-from tests.hosts import free_port
+from tests.hosts import free_port, require
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -228,8 +228,8 @@ def test_format_commands_redacts():
 
 @pytest.mark.parametrize("shell", ["sh", "bash", "dash"])
 def test_remote_script_quoting_in_real_shells(tmp_path, shell):
-    if not any(os.access(os.path.join(d, shell), os.X_OK) for d in os.environ["PATH"].split(os.pathsep)):
-        pytest.skip(f"{shell} not installed")
+    require(any(os.access(os.path.join(d, shell), os.X_OK) for d in os.environ["PATH"].split(os.pathsep)),
+            f"{shell} not installed")
     home = tmp_path / "home"
     weird = "a b;$(touch PWNED)`touch PWNED2` 'q\" \\ * ~ $HOME\nline2"
     (home / weird).mkdir(parents=True)

@@ -60,19 +60,39 @@ def test_validation_per_domain_for_both_domains(demo_run):
 
 
 def test_exported_model_reloads_and_generates(demo_run):
+    """The exported model, loaded by plain transformers, is the trained one: its loss on the stage's
+    validation blocks equals the engine's last evaluation, per domain; and greedy generation runs."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from engine.train import val_blocks
+
     con = _db(demo_run)
     run_dir = Path(con.execute("SELECT run_dir FROM runs WHERE id = ?", [demo_run.run_id]).fetchone()[0])
-    final = run_dir / "stages" / "cpt-code" / "final"
+    stage_dir = run_dir / "stages" / "cpt-code"
+    final = stage_dir / "final"
     tok = AutoTokenizer.from_pretrained(final)
-    model = AutoModelForCausalLM.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final, torch_dtype=torch.float32).eval()
+    cfg = json.loads((stage_dir / "stage.json").read_text())
+    events, _ = read_events(stage_dir / "events.jsonl")
+    last_step = max(e["step"] for e in events if e["type"] == "eval")
+    last = {e["domain"]: e["loss"] for e in events if e["type"] == "eval" and e["step"] == last_step}
+    assert set(last) == {"prose", "code"} and last_step == cfg_steps(events)
+    blocks = val_blocks(cfg, cfg["stage"]["seq_len"], cfg["stage"]["eval"]["max_blocks"])
+    for domain, b in blocks.items():
+        with torch.no_grad():
+            ours = float(sum(model(input_ids=x[None], labels=x[None]).loss.item() for x in b) / len(b))
+        assert abs(ours - last[domain]) < 2e-3, (domain, ours, last[domain])
     ids = tok("def main(", return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert out.shape[1] > ids.shape[1]
-    assert isinstance(tok.decode(out[0][ids.shape[1]:]), str)
+    assert out.shape[1] == ids.shape[1] + 12 or out[0, -1] == tok.eos_token_id
+    assert torch.equal(out[0, :ids.shape[1]], ids[0]) and tok.decode(out[0][ids.shape[1]:]).strip()
+
+
+def cfg_steps(events) -> int:
+    """The stage's last step (its final evaluation is made there)."""
+    return max(e["step"] for e in events if e["type"] == "metric")
 
 
 def test_runs_and_show_read_sqlite(demo_run):

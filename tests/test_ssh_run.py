@@ -13,6 +13,7 @@ The nodes share this filesystem, so the run directory is shared (a requirement, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -70,10 +71,22 @@ def test_ssh_run_with_hostile_workdir_no_injection_no_secret_leak(sshd_loopback,
     workdir.mkdir(parents=True)
     secret, local_secret = f"hf_sekret_{uniq}", f"local_pw_{uniq}"
     env = {**cpt_home, "WANDB_API_KEY": local_secret}
+    # Every Python process on the node records, as it exits, its argv and working directory
+    # (a sitecustomize on the node's PYTHONPATH: no hook in the engine needed).
+    probe, cwd_log = tmp_path / "probe", tmp_path / "cwd.log"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(
+        "import atexit, json, os, sys\n"
+        "def _record(log=os.environ.get('CPT_TEST_CWD_LOG')):\n"
+        "    if log:\n"
+        "        with open(log, 'a') as f:\n"
+        "            f.write(json.dumps({'argv': sys.argv, 'cwd': os.getcwd(), 'pid': os.getpid()}) + '\\n')\n"
+        "atexit.register(_record)\n")
     try:
         cl = ssh_cluster(sshd_loopback.ssh_config,
                          [node("node-a", workdir=str(workdir),
-                               env={"PYTHONPATH": str(ROOT), "EVIL": f"$(touch {pwned})`touch {pwned}`"})],
+                               env={"PYTHONPATH": f"{probe}:{ROOT}", "CPT_TEST_CWD_LOG": str(cwd_log),
+                                    "EVIL": f"$(touch {pwned})`touch {pwned}`"})],
                          env={"HF_TOKEN": secret})
         preset = tiny_preset(tmp_path / "p.yaml", [("s1", 30)], cluster=cl)
         r = run_cli(["--run", str(preset), "--telemetry-interval", "1"], env, timeout=300)
@@ -88,6 +101,9 @@ def test_ssh_run_with_hostile_workdir_no_injection_no_secret_leak(sshd_loopback,
             "SELECT data FROM events WHERE run_id = ? AND stage = 's1' AND type = 'status' AND data LIKE "
             "'%starting%'", [run_id])]
         assert start["world_size"] == 1
+        seen = [json.loads(l) for l in cwd_log.read_text().splitlines()]
+        trainers = [x for x in seen if x["argv"] and x["argv"][0].endswith(os.path.join("engine", "train.py"))]
+        assert trainers and all(x["cwd"] == str(workdir) for x in trainers), seen  # the trainer ran in that dir
         nodes = {n for (n,) in con.execute("SELECT DISTINCT node FROM telemetry WHERE run_id = ?", [run_id])}
         assert nodes == {"node-a"}  # sampled on the node, over ssh
         (commands,) = [json.loads(d)["commands"] for (d,) in con.execute(

@@ -152,3 +152,18 @@ def test_rows_are_typed_and_read_like_dicts(tmp_path):
         raise AssertionError("the store is still open")
     except sqlite3.ProgrammingError:
         pass  # closed on leaving the with block
+
+
+def test_claim_run_refuses_a_live_supervisor_and_takes_over_a_dead_one(tmp_path):
+    with Store(tmp_path / "db") as s:
+        make_run(s)
+        ok, prev = s.claim_run("r1", 100, "h1", lambda row: False)
+        assert ok and prev["pid"] is None and (s.run("r1")["pid"], s.run("r1")["host"]) == (100, "h1")
+        seen = []
+        ok, prev = s.claim_run("r1", 200, "h2", lambda row: seen.append(row["pid"]) or True)  # 100 lives
+        assert not ok and seen == [100] and prev["pid"] == 100 and s.run("r1")["pid"] == 100
+        ok, _ = s.claim_run("r1", 100, "h1", lambda row: True)  # the same supervisor claims again
+        assert ok and s.run("r1")["pid"] == 100
+        ok, prev = s.claim_run("r1", 200, "h2", lambda row: False)  # 100 died: 200 adopts the run
+        assert ok and prev["pid"] == 100 and (s.run("r1")["pid"], s.run("r1")["host"]) == (200, "h2")
+        assert time.time() - s.run("r1")["heartbeat"] < 60

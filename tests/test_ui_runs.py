@@ -39,10 +39,19 @@ def test_runs_table_sort_filter_and_navigation(sample):
             assert table.row_count == 1 and table.get_row_at(0)[0] == sample_db.FAILED
             await pilot.press("escape")
             assert table.row_count == 3
-            # sort by clicking a header (preset), then again to reverse
-            await pilot.click("#runs", offset=(50, 0))
-            presets = [table.get_row_at(i)[2] for i in range(3)]
-            assert presets == sorted(presets)
+            # sort by clicking a header (status: an order unlike the default), then again to reverse
+            status_x = sum(c.get_render_width(table) for c in list(table.columns.values())[:1]) + 2
+            await pilot.click("#runs", offset=(status_x, 0))
+            await pilot.pause(0.1)
+            assert [table.get_row_at(i)[0] for i in range(3)] == [sample_db.DONE, sample_db.FAILED, sample_db.LIVE]
+            await pilot.click("#runs", offset=(status_x, 0))
+            await pilot.pause(0.1)
+            assert [table.get_row_at(i)[0] for i in range(3)] == [sample_db.LIVE, sample_db.FAILED, sample_db.DONE]
+            assert str(list(table.columns.values())[1].label).endswith("▼")
+            await pilot.click("#runs", offset=(50, 0))  # preset ascending (stable: ties keep the status order)
+            await pilot.pause(0.1)
+            assert [table.get_row_at(i)[2] for i in range(3)] == ["ddp-cluster", "tiny-demo", "tiny-demo"]
+            assert [table.get_row_at(i)[0] for i in range(3)] == [sample_db.FAILED, sample_db.LIVE, sample_db.DONE]
             # open the done run (cursor → row 3, enter) and switch the x axis
             await pilot.press("down", "down")
             await pilot.press("enter")
@@ -86,8 +95,27 @@ def test_delete_asks_and_keeps_checkpoints(sample):
             await pilot.click("#confirm")
             await until(pilot, lambda: table.row_count == 2)
             assert sample_db.DONE not in [table.get_row_at(i)[0] for i in range(2)]
+    before = _rows_per_table(sample, sample_db.DONE)
+    assert all(before.values()), before  # the sample has rows of the run in every run table
     asyncio.run(go())
     assert ckpt.is_dir()  # the box was not ticked: checkpoints untouched
+    assert _rows_per_table(sample, sample_db.DONE) == {t: 0 for t in before}
+    others = _rows_per_table(sample, sample_db.LIVE)
+    assert others["metrics"] > 0 and others["runs"] == 1  # only that run's rows went
+
+
+def _rows_per_table(db: Path, run_id: str) -> dict:
+    """Rows of `run_id` in the runs table and in every table keyed on run_id."""
+    import sqlite3
+
+    from cpt_tui.store import RUN_TABLES
+
+    with sqlite3.connect(db) as c:
+        out = {"runs": c.execute("SELECT count(*) FROM runs WHERE id = ?", [run_id]).fetchone()[0]}
+        for t in sorted(set(RUN_TABLES) | {r[0] for r in c.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' AND sql LIKE '%run_id%'")}):
+            out[t] = c.execute(f"SELECT count(*) FROM {t} WHERE run_id = ?", [run_id]).fetchone()[0]
+    return out
 
 
 def test_app_without_database_shows_hint(tmp_path):
@@ -163,3 +191,57 @@ def test_detail_reuse_draws_with_data_and_hidden_screens_rest(sample):
             await pilot.press("escape")
             await until(pilot, lambda: app.screen is runs)
     asyncio.run(go())
+
+
+def test_delete_with_directory_and_refusal_for_a_live_run(sample):
+    """Ticking the box removes the run directory (rmtree: data loss, so only that run's); a run whose
+    supervisor lives is refused, rows and directory untouched."""
+    import socket
+    import subprocess
+    import sys
+
+    from cpt_tui.store import Store
+
+    root = sample.parent / "runs"
+    (root / sample_db.DONE / "stages" / "base" / "checkpoints" / "step-48").mkdir(parents=True)
+    (root / sample_db.LIVE / "stages" / "base" / "checkpoints" / "step-8").mkdir(parents=True)
+    # A process that looks like the live run's supervisor (its command line names the module and the run).
+    sup = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "cpt_tui.supervisor", sample_db.LIVE])
+    try:
+        with Store(sample) as store:
+            store.update_run(sample_db.LIVE, pid=sup.pid, host=socket.gethostname())
+        live_rows = _rows_per_table(sample, sample_db.LIVE)
+
+        async def go():
+            app = CptApp(sample, keymap={})
+            async with app.run_test(size=(180, 45)) as pilot:
+                await until(pilot, lambda: type(app.screen).__name__ == "RunsScreen" and app.screen.polls)
+                runs = app.screen
+                table = runs.query_one("#runs", DataTable)
+                for rid in (sample_db.LIVE, sample_db.DONE):
+                    table.move_cursor(row=[table.get_row_at(i)[0] for i in range(table.row_count)].index(rid))
+                    await pilot.pause(0.1)
+                    assert runs.selected_id() == rid
+                    await pilot.press("d")
+                    await until(pilot, lambda: type(app.screen).__name__ == "ConfirmDelete")
+                    await pilot.click("#with-files")
+                    await pilot.pause(0.1)
+                    assert app.screen.query_one("#with-files").value is True
+                    await pilot.click("#confirm")
+                    await until(pilot, lambda: type(app.screen).__name__ == "RunsScreen")
+                    await app.workers.wait_for_complete()
+                    await pilot.pause(0.3)
+                    if rid == sample_db.LIVE:  # refused
+                        assert table.row_count == 3
+                await until(pilot, lambda: table.row_count == 2)
+                assert sample_db.DONE not in [table.get_row_at(i)[0] for i in range(2)]
+        asyncio.run(go())
+        assert sup.poll() is None  # the supervisor was not touched
+        assert _rows_per_table(sample, sample_db.LIVE) == live_rows
+        assert (root / sample_db.LIVE / "stages" / "base" / "checkpoints" / "step-8").is_dir()
+        assert not (root / sample_db.DONE).exists()  # the box was ticked: the directory is gone
+        assert (root / sample_db.FAILED).is_dir()
+        assert set(_rows_per_table(sample, sample_db.DONE).values()) == {0}
+    finally:
+        sup.kill()
+        sup.wait()

@@ -18,7 +18,14 @@ import pytest
 from cpt_tui.ui import sample_db
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed (.ci/setup-hosts.sh)")
+
+
+@pytest.fixture(autouse=True)
+def _tmux_installed():
+    """Skip without tmux — or fail under CI, where .ci/setup-hosts.sh installs it."""
+    from tests.hosts import require
+
+    require(shutil.which("tmux") is not None, "tmux not installed (.ci/setup-hosts.sh)")
 
 # Starts the UI alone (no orphan adoption) and, at exit, writes which heavy modules it imported.
 UI = """

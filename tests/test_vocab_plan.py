@@ -115,7 +115,10 @@ def test_vocab_command_prints_report(eeve_run, tmp_path):
         assert words in r.stdout, r.stdout
     # Same base + corpus + settings as the run: served from the cache, identical weights.
     assert "(cached)" in (tmp_path / "v" / "prepare" / "events.jsonl").read_text()
-    assert _state(tmp_path / "v" / "vocab").keys() == _state(eeve_run["run_dir"] / "vocab").keys()
+    import torch
+
+    a, b = _state(tmp_path / "v" / "vocab"), _state(eeve_run["run_dir"] / "vocab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     j = run_cli(["vocab", "tiny-vocab-demo", "--out", str(tmp_path / "v"), "--json"], eeve_run["env"])
     assert j.returncode == 0, j.stderr
     assert json.loads(j.stdout)["report"] == eeve_run["prepared"]["vocabulary"]
@@ -236,7 +239,8 @@ def test_resize_model_smaller_than_tokenizer(tmp_path, tiny_model):
         assert new[k].shape[0] == 448 and torch.equal(new[k][:300], old[k])
         torch.testing.assert_close(new[k][300:], old[k].mean(0).expand(148, -1))
     again = prepare_vocabulary(preset, tiny_model, tok, tmp_path / "cache", tmp_path / "run2" / "vocab", log=print)
-    assert again["cached"] and _state(again["model_dir"]).keys() == new.keys()
+    cached = _state(again["model_dir"])
+    assert again["cached"] and cached.keys() == new.keys() and all(torch.equal(cached[k], new[k]) for k in new)
     # Nothing to do when the model has enough rows.
     assert prepare_vocabulary(preset, r["model_dir"], tok, tmp_path / "cache", tmp_path / "run3", log=print) is None
 
