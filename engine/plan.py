@@ -16,6 +16,7 @@ from engine.data.mixture import plan_mixture
 from engine.data.sources import DataError, expand_path
 from engine.errors import UserError
 from engine.layout import RunLayout
+from engine.memory import format_memory, plan_memory
 from engine.schedule import warmup_steps  # noqa: F401  (engine.plan.warmup_steps: API)
 from engine.spec import Preset, StageSpec
 
@@ -108,6 +109,7 @@ def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None, stric
             },
             "long_docs": st.long_docs.model_dump() if st.long_docs else None,
             "data_notes": data_notes(preset, mix, st, (long_docs or {}).get(st.name)),  # engine.data.foreign
+            "memory": _stage_memory(preset, i, steps * st.global_batch_size * st.seq_len if steps else None, world),
         })
     out = {"preset": preset.name, "description": preset.description, "world_size": world,
            "cluster": preset.cluster.kind, "stages": stages, "validation": validation(preset)}
@@ -148,6 +150,14 @@ def _check_eval(preset: Preset, val: list[dict]) -> None:
                             f"{have}: give a source `val_tokens` (or `val_fraction`), or remove the eval block")
 
 
+def _stage_memory(preset: Preset, index: int, tokens: Optional[int], world: int) -> Optional[dict]:
+    """engine.memory's estimate for the plan; None when the model config is unknown or unreadable."""
+    try:
+        return plan_memory(preset, index, tokens, world)
+    except Exception:  # an estimate must never stop a plan
+        return None
+
+
 def format_plan(plan: dict) -> str:
     lines = [f"preset {plan['preset']}: {len(plan['stages'])} stage(s), {plan['world_size']} process(es), {plan['cluster']}"]
     if plan.get("prepared_from_cache"):
@@ -169,6 +179,8 @@ def format_plan(plan: dict) -> str:
             ep = f"{s['epochs']:.2f}" if s["epochs"] is not None else "-"
             avail = f"{s['available_tokens']:,}" if s.get("available_tokens") is not None else "-"
             lines.append(f"    {s['source']:<24} {s['weight']:>8g} {s['share']:>7.2%} {s['tokens']:>16,} {avail:>16} {ep:>7}")
+        if "memory" in st:  # engine.memory: per process, from the model config
+            lines.append("    " + format_memory(st["memory"]))
         for n in st.get("data_notes", []):
             lines.append(f"    note: {n}")
         for w in st["mixture"]["warnings"]:

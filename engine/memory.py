@@ -1,0 +1,558 @@
+"""Training memory and time before launch: arithmetic on the model config, no weights, no torch.
+
+Per process (one GPU, or one CPU process): parameters, gradients and optimizer states as the
+trainer (engine/train.py) allocates them — fp32 weights (the model is loaded in float32; bf16/fp16
+is autocast) with torch's AdamW, or DeepSpeed's ZeRO 1/2/3 partitions (16-bit weights + fp32 master
+copy under bf16/fp16, optional CPU offload) — with LoRA adapters / modules_to_save, frozen
+parameters and EEVE's row-guarded embeddings (the whole tensor keeps a gradient and Adam moments:
+the hook only zeroes old rows) counted; then the activations saved for the backward of one micro
+batch (SDPA or eager attention, with or without gradient checkpointing) and the loss buffer (the
+chunked fused head + cross-entropy of engine/loss.py, or the full logits of the standard loss).
+
+ETA: training FLOPs = (2 forward + 2 input-gradient + 2 weight-gradient-of-trainable) × matmul
+parameters per token + attention (causal: 6 · layers · seq · attention width per token, forward
+and backward), × 4/3 forward again under gradient checkpointing; at an assumed MFU of a given peak
+until a measured throughput exists.
+
+Parameter names follow Hugging Face's Llama-family modules so `trainable.include/exclude` regexes
+and LoRA `target_modules` select what they select in the real model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+GiB = 1024**3
+# engine/loss.py:PLAIN_HEAD_FAMILIES (that module imports torch)
+PLAIN_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "smollm3"}
+ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
+STEP_BYTES = 4  # AdamW's `step`: one fp32 scalar tensor per parameter tensor
+
+
+@dataclass(frozen=True)
+class Arch:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    tie_word_embeddings: bool = False
+    family: str = "llama"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+
+    @property
+    def q_width(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+def arch_from_hf(cfg: dict) -> Arch:
+    """From a Hugging Face config.json (Llama, Mistral, Qwen2/3, OLMo, SmolLM3-style decoders)."""
+    if "text_config" in cfg and "hidden_size" not in cfg:
+        cfg = cfg["text_config"]
+    heads = cfg["num_attention_heads"]
+    family = cfg.get("model_type", "llama")
+    return Arch(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=heads,
+        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), family=family,
+        attention_bias=bool(cfg.get("attention_bias", family == "qwen2")), mlp_bias=bool(cfg.get("mlp_bias", False)),
+        qk_norm=family in ("qwen3", "olmo2"))
+
+
+def arch_from_spec(arch, vocab_size: int) -> Arch:
+    """From a preset's `model.config` (engine.spec.ArchConfig), as engine/model.py builds it."""
+    return Arch(vocab_size=arch.vocab_size or vocab_size, hidden_size=arch.hidden_size,
+                intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_hidden_layers,
+                num_attention_heads=arch.num_attention_heads,
+                num_key_value_heads=arch.num_key_value_heads or arch.num_attention_heads,
+                head_dim=arch.hidden_size // arch.num_attention_heads, tie_word_embeddings=arch.tie_word_embeddings)
+
+
+def _config_json(ref: str) -> Optional[dict]:
+    from engine.data.sources import expand_path
+
+    try:
+        p = Path(expand_path(ref)) / "config.json"
+    except Exception:
+        p = Path(ref) / "config.json"
+    if not p.is_file():
+        try:  # a hub id already in the local cache (never downloads)
+            from huggingface_hub import try_to_load_from_cache
+            hit = try_to_load_from_cache(ref, "config.json")
+            p = Path(hit) if isinstance(hit, str) else None
+        except Exception:
+            p = None
+    if p is None:
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def preset_arch(preset, vocab_size: Optional[int] = None) -> Optional[Arch]:
+    """The architecture a preset trains, or None when it cannot be known without downloading.
+    `vocab_size`: the tokenizer's length when known (built models, extended vocabularies)."""
+    voc = preset.vocabulary
+    if preset.model.config is not None:
+        v = preset.model.config.vocab_size or vocab_size
+        if v is None and preset.tokenizer.train is not None:
+            v = preset.tokenizer.train.vocab_size
+        if v is None:
+            return None
+        arch = arch_from_spec(preset.model.config, v)
+        vocab_size = vocab_size or (None if voc is None else 0)
+    else:
+        cfg = _config_json(preset.model.path)
+        if cfg is None:
+            return None
+        arch = arch_from_hf(cfg)
+    if vocab_size:
+        arch = _with_vocab(arch, vocab_size)
+    elif voc is not None:  # the extended vocabulary (padded as engine/vocab.py pads it)
+        target = voc.target_vocab_size or arch.vocab_size + voc.new_tokens
+        m = voc.pad_to_multiple_of
+        arch = _with_vocab(arch, -(-target // m) * m)
+    return arch
+
+
+def _with_vocab(a: Arch, v: int) -> Arch:
+    return Arch(**{**a.__dict__, "vocab_size": v})
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def param_shapes(a: Arch) -> dict[str, tuple[int, ...]]:
+    """Every parameter tensor of the Hugging Face model, by its `named_parameters()` name (tied: once)."""
+    h, i = a.hidden_size, a.intermediate_size
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (a.vocab_size, h)}
+    for n in range(a.num_hidden_layers):
+        p = f"model.layers.{n}."
+        for proj, o, inp in (("q", a.q_width, h), ("k", a.kv_width, h), ("v", a.kv_width, h), ("o", h, a.q_width)):
+            out[f"{p}self_attn.{proj}_proj.weight"] = (o, inp)
+            if a.attention_bias and proj != "o":
+                out[f"{p}self_attn.{proj}_proj.bias"] = (o,)
+        if a.attention_bias and a.family != "qwen2":
+            out[f"{p}self_attn.o_proj.bias"] = (h,)
+        if a.qk_norm:
+            out[f"{p}self_attn.q_norm.weight"] = (a.head_dim,)
+            out[f"{p}self_attn.k_norm.weight"] = (a.head_dim,)
+        for proj, o, inp in (("gate", i, h), ("up", i, h), ("down", h, i)):
+            out[f"{p}mlp.{proj}_proj.weight"] = (o, inp)
+            if a.mlp_bias:
+                out[f"{p}mlp.{proj}_proj.bias"] = (o,)
+        out[f"{p}input_layernorm.weight"] = (h,)
+        out[f"{p}post_attention_layernorm.weight"] = (h,)
+    out["model.norm.weight"] = (h,)
+    if not a.tie_word_embeddings:
+        out["lm_head.weight"] = (a.vocab_size, h)
+    return out
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def count_params(a: Arch) -> int:
+    return sum(numel(s) for s in param_shapes(a).values())
+
+
+def largest_layer_params(a: Arch) -> int:
+    """The largest module's own parameters (DeepSpeed's ZeRO-3 gather working set)."""
+    return max(numel(s) for s in param_shapes(a).values())
+
+
+@dataclass
+class Tensors:
+    """The tensors of a stage: name → shape, and which of them train."""
+
+    shapes: dict[str, tuple[int, ...]]
+    trainable: set[str]
+    guarded: set[str] = field(default_factory=set)  # EEVE "new"-row tensors (full gradient + moments)
+
+    def count(self, names=None) -> int:
+        return sum(numel(self.shapes[n]) for n in (self.shapes if names is None else names))
+
+    @property
+    def n_trainable(self) -> int:
+        return self.count(self.trainable)
+
+    @property
+    def n_frozen(self) -> int:
+        return self.count() - self.n_trainable
+
+
+def stage_tensors(a: Arch, trainable, lora=None, relora_warm: bool = False) -> Tensors:
+    """Mirrors engine/trainable.py:apply_trainable, or engine/lora.py:apply_lora (peft) for LoRA stages."""
+    shapes = param_shapes(a)
+    emb_in, emb_out = "model.embed_tokens.weight", "lm_head.weight"
+    if lora is None:
+        on = set(shapes) if trainable.transformer == "trainable" else set()
+        guarded = set()
+        settings = {emb_in: [trainable.input_embeddings]}
+        if emb_out in shapes:
+            settings[emb_out] = [trainable.output_embeddings]
+        else:  # tied: one tensor, the union of both settings
+            settings[emb_in].append(trainable.output_embeddings)
+        for n, modes in settings.items():
+            mode = "all" if "all" in modes else "new" if "new" in modes else "none"
+            on.discard(n)
+            if mode != "none":
+                on.add(n)
+            if mode == "new":
+                guarded.add(n)
+        _patterns(shapes, on, trainable.include, trainable.exclude)
+        return Tensors(shapes, on, guarded)
+    # LoRA (peft): base frozen; A (r × in) and B (out × r) per targeted Linear; modules_to_save get a
+    # trained copy (the original stays, frozen); then include / exclude on the peft names.
+    peft_shapes: dict[str, tuple[int, ...]] = {}
+    on = set()
+    targets = list(lora.target_modules)
+    saves = list(lora.modules_to_save)
+    for n, s in shapes.items():
+        mod, leaf = n.rsplit(".", 1)
+        last = mod.rsplit(".", 1)[-1]
+        base = "base_model.model." + n
+        if last in saves:
+            peft_shapes[f"base_model.model.{mod}.original_module.{leaf}"] = s
+            copy = f"base_model.model.{mod}.modules_to_save.default.{leaf}"
+            peft_shapes[copy] = s
+            on.add(copy)
+            continue
+        if len(s) == 2 and leaf == "weight" and _lora_target(mod, last, targets):
+            peft_shapes[f"base_model.model.{mod}.base_layer.weight"] = s
+            for k, sh in (("lora_A", (lora.r, s[1])), ("lora_B", (s[0], lora.r))):
+                nm = f"base_model.model.{mod}.{k}.default.weight"
+                peft_shapes[nm] = sh
+                on.add(nm)
+            continue
+        if leaf == "bias" and _lora_target(mod, last, targets):
+            peft_shapes[f"base_model.model.{mod}.base_layer.bias"] = s
+            continue
+        peft_shapes[base] = s
+    _patterns(peft_shapes, on, trainable.include, trainable.exclude)
+    return Tensors(peft_shapes, on)
+
+
+def _lora_target(mod: str, last: str, targets: list[str]) -> bool:
+    # peft: a list of names matches a module whose name ends with ".<target>" (or is it)
+    return any(mod == t or mod.endswith("." + t) or last == t for t in targets)
+
+
+def _patterns(shapes, on: set, include: list[str], exclude: list[str]) -> None:
+    for pats, flag in ((include, True), (exclude, False)):
+        for pat in pats:
+            for n in shapes:
+                if re.search(pat, n):
+                    (on.add if flag else on.discard)(n)
+
+
+# --------------------------------------------------------------------------- model states
+
+
+def _partition(n: int, world: int, align: int = 1) -> int:
+    """Elements of one rank's share of n, padded as DeepSpeed pads (to a multiple of align × world)."""
+    step = align * world
+    return -(-n // step) * step // world
+
+
+def zero_partitions(t: Tensors, zero_stage: int, world: int, precision: str = "fp32",
+                    groups: Optional[list[list[str]]] = None) -> dict:
+    """One rank's DeepSpeed storage, padded as DeepSpeed pads: the model's parameters (ZeRO-3: each
+    tensor's `ds_tensor`, ceil(numel / world)), the fp32 master partition, the gradient partition
+    (between backward and step) and the Adam moments. `groups`: the optimizer's parameter groups
+    (default: one of every trainable tensor); ZeRO-1/2 flatten each, padded to 2 × world elements."""
+    b16 = 4 if precision == "fp32" else 2
+    names = [n for n in t.shapes if n in t.trainable]
+    groups = groups or [names]
+    if zero_stage == 3:
+        per = sum(-(-numel(t.shapes[n]) // world) for n in t.shapes)
+        part = sum(-(-numel(t.shapes[n]) // world) for g in groups for n in g)
+        return {"params": b16 * per, "master": 4 * part, "grads": 4 * part, "moments": ADAM_STATE_BYTES * part}
+    part = sum(_partition(sum(numel(t.shapes[n]) for n in g), world, align=2) for g in groups)
+    g = (4 if precision == "fp32" else 2 + 4) if zero_stage >= 2 else 4
+    return {"params": b16 * t.count(), "master": 4 * part, "grads": g * part, "moments": ADAM_STATE_BYTES * part}
+
+
+def model_states(t: Tensors, zero_stage: int, precision: str, world: int, offload: str = "none",
+                 gpus_per_node: Optional[int] = None, largest_layer: Optional[int] = None) -> dict:
+    """Bytes per process of parameters, gradients and optimizer states (`*_cpu`: offloaded, per process).
+
+    ZeRO 0 (no DeepSpeed): fp32 weights, fp32 gradients of the trainable tensors, AdamW moments + step;
+    with several processes DDP keeps its own gradient buckets (`ddp_buckets`).
+    DeepSpeed ZeRO 1/2/3, as its model-state estimators count (estimate_zero{2,3}_model_states_mem_needs):
+    16-bit weights (fp32 when precision is fp32) — partitioned in ZeRO-3, plus the largest layer
+    gathered —, 16-bit + fp32 gradients (partitioned from ZeRO-2), fp32 master + Adam moments
+    (partitioned). Frozen parameters are weights only; the optimizer holds the trainable ones."""
+    pt, pf, n_tensors = t.n_trainable, t.n_frozen, len(t.trainable)
+    b16 = 4 if precision == "fp32" else 2
+    r = {"params": 0, "grads": 0, "optimizer": 0, "ddp_buckets": 0, "params_cpu": 0, "grads_cpu": 0,
+         "optimizer_cpu": 0}
+    if zero_stage == 0:
+        r["params"] = 4 * (pt + pf)
+        r["grads"] = 4 * pt
+        r["optimizer"] = ADAM_STATE_BYTES * pt + STEP_BYTES * n_tensors
+        r["ddp_buckets"] = 4 * pt if world > 1 else 0
+        return r
+    # fp32 under DeepSpeed: the weights are already fp32 and there is no 16-bit gradient copy
+    g16 = 0 if precision == "fp32" else 2
+    part = pt / world
+    lay = 4 * (largest_layer or 0)
+    r["params"] = b16 * (pt + pf) / world + lay if zero_stage == 3 else b16 * (pt + pf)
+    if zero_stage == 1:
+        grads = b16 * pt + 4 * part * (g16 > 0)
+    elif zero_stage == 2:
+        grads = (g16 + 4) * part
+    else:
+        grads = 4 * part
+    opt = (4 + ADAM_STATE_BYTES) * part  # fp32 master + moments
+    if offload == "cpu":  # DeepSpeed's CPU Adam: fp32 gradients, master and moments in host memory
+        gpn = gpus_per_node or world
+        r["optimizer_cpu"] = opt
+        if zero_stage == 3:  # offload_param as well: the 16-bit partitions move to the host
+            r["grads_cpu"] = 4 * part
+            r["params_cpu"] = b16 * (pt + pf) / world
+            r["params"] = lay
+        else:  # as DeepSpeed's estimator: max(4 × GPUs, 16) bytes per parameter per node
+            r["grads_cpu"] = max(4 * world, 16) * pt / gpn - opt
+    else:
+        r["grads"], r["optimizer"] = grads, opt
+    return {k: int(v) for k, v in r.items()}
+
+
+# --------------------------------------------------------------------------- activations and loss
+
+
+def compute_mode(precision: str, zero_stage: int) -> str:
+    """fp32; `autocast` (fp32 weights, bf16/fp16 matmuls: no DeepSpeed); `pure16` (DeepSpeed bf16/fp16)."""
+    if precision == "fp32":
+        return "fp32"
+    return "pure16" if zero_stage > 0 else "autocast"
+
+
+def activations(a: Arch, seq: int, micro: int, mode: str = "fp32", checkpointing: bool = False,
+                attention: str = "sdpa") -> dict:
+    """Bytes saved for the backward of one micro batch, per process (Llama decoder, HF modules).
+
+    Per layer, T = micro·seq tokens: each RMSNorm keeps its input, the normalised and the scaled
+    output (fp32: HF computes norms in float32), plus a 16-bit copy under autocast; q (after RoPE),
+    k, v, the attention output and its contiguous copy for o_proj, the log-sum-exp (SDPA; eager:
+    the softmax and dropout outputs, b·heads·seq² each); gate, up, SiLU and product (4 × T ×
+    intermediate). Gradient checkpointing keeps each layer's input and recomputes one layer."""
+    t = seq * micro
+    h, i = a.hidden_size, a.intermediate_size
+    e = 4 if mode == "fp32" else 2  # matmul outputs
+    res = 2 if mode == "pure16" else 4  # the residual stream
+    norm = (4 + 4 + (4 if mode != "pure16" else 2) + (2 if mode == "autocast" else 0)) * t * h
+    attn = e * t * (3 * a.q_width + 2 * a.kv_width) + 4 * t * a.num_attention_heads
+    if attention == "eager":
+        attn += 2 * e * micro * a.num_attention_heads * seq * seq
+    mlp = 4 * e * t * i
+    layer = 2 * norm + attn + mlp
+    final = norm
+    if checkpointing:  # the layer inputs; one layer is recomputed in the backward, after the loss's peak
+        out = {"activations": int(a.num_hidden_layers * res * t * h + final), "recompute": int(layer)}
+    else:
+        out = {"activations": int(a.num_hidden_layers * layer + final), "recompute": 0}
+    if mode == "autocast":  # the 16-bit weight copies autocast makes are kept for the backward
+        lin = sum(numel(s) for n, s in param_shapes(a).items() if n.endswith("proj.weight"))
+        out["autocast_weights"] = 2 * lin
+    return out
+
+
+def chunk_tokens(vocab: int, gpu: bool = True) -> int:
+    """engine/loss.py:chunk_tokens, without torch."""
+    return max(16, (2**25 if gpu else 2**19) // vocab)
+
+
+def loss_buffer(a: Arch, seq: int, micro: int, fused: bool, mode: str = "fp32", gpu: bool = True,
+                head_trains: bool = True) -> int:
+    """Bytes of the loss at its peak, beyond the activations.
+    Fused (engine/loss.py): the hidden-state gradient and its scaled copy (T × hidden, fp32 or the
+    hidden dtype), the head's fp32 gradient accumulator (vocab × hidden), one chunk of logits (and
+    its 16-bit matmul output). Standard: the logits, their fp32 copy, log_softmax's output and two
+    gradients of that size (T × vocab each)."""
+    t = seq * micro
+    v, h = a.vocab_size, a.hidden_size
+    hb = 2 if mode == "pure16" else 4
+    if fused:
+        c = min(chunk_tokens(v, gpu), t)
+        gw = 2 * 4 * v * h if head_trains else 0
+        return int(2 * hb * t * h + gw + c * v * (4 + (2 if mode != "fp32" else 0)))
+    e = 4 if mode == "fp32" else 2
+    return int(t * v * (3 * 4 + (e if mode != "fp32" else 0)))
+
+
+def step_peak(act: dict, loss: int) -> int:
+    """Activations + loss at the peak of a step: the loss's buffers live at the start of the backward,
+    with every saved activation; a checkpointed layer is recomputed only after them."""
+    return int(act["activations"] + max(loss, act["recompute"]))
+
+
+# --------------------------------------------------------------------------- time
+
+
+# Dense peak TFLOP/s assumed when the GPU is not known (A100: bf16/fp16 tensor cores, fp32 without TF32)
+ASSUMED_PEAK_TFLOPS = {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}
+ASSUMED_MFU = 0.40
+
+
+def flops_per_token(a: Arch, t: Tensors, seq: int, checkpointing: bool = False) -> float:
+    """Training FLOPs per token: 2·N forward + 2·N input gradients + 2·N_trainable weight gradients over
+    the matmul weights (transformer linears + head), + causal attention 6·layers·seq·q_width; gradient
+    checkpointing adds a second forward."""
+    mm = {n: numel(s) for n, s in param_shapes(a).items() if n.endswith("proj.weight") or n == "lm_head.weight"}
+    if a.tie_word_embeddings:
+        mm["lm_head.weight"] = a.vocab_size * a.hidden_size
+    n_mm = sum(mm.values())
+    trained = 0
+    for n in t.trainable:
+        base = n.removeprefix("base_model.model.")
+        if base in mm or base == "model.embed_tokens.weight" and a.tie_word_embeddings:
+            trained += numel(t.shapes[n])
+        elif ".modules_to_save." in n or ".lora_" in n:
+            trained += numel(t.shapes[n]) if n.endswith("weight") and len(t.shapes[n]) == 2 else 0
+    attn_fwd = 2 * a.num_hidden_layers * seq * a.q_width
+    f = 4 * n_mm + 2 * trained + 3 * attn_fwd
+    if checkpointing:
+        f += 2 * n_mm + attn_fwd
+    return float(f)
+
+
+# --------------------------------------------------------------------------- per stage
+
+
+OVERHEAD_BYTES = int(1.0 * GiB)  # CUDA context, kernels, allocator slack: not modelled, a fixed reserve
+
+
+def stage_memory(a: Arch, stage, world: int, tokens: Optional[int] = None, gpu_memory_gb: Optional[float] = None,
+                 gpus_per_node: Optional[int] = None, measured_tokens_per_s: Optional[float] = None,
+                 peak_tflops: Optional[float] = None, mfu: Optional[float] = None) -> dict:
+    """The plan's `memory` entry of one stage (engine.spec.StageSpec): bytes per process, verdict, ETA."""
+    relora_warm = bool(stage.lora and stage.lora.relora and stage.lora.relora.warm_start_steps)
+    ten = stage_tensors(a, stage.trainable, stage.lora)
+    if relora_warm:  # the full-rank tensors sit in the optimizer from the start (engine/train.py)
+        full = stage_tensors(a, stage.trainable)
+        ten.trainable |= {"base_model.model." + n.replace(".weight", ".base_layer.weight")
+                          if "base_model.model." + n.replace(".weight", ".base_layer.weight") in ten.shapes
+                          else "base_model.model." + n for n in full.trainable}
+        ten.trainable &= set(ten.shapes)
+    ms = model_states(ten, stage.zero_stage, stage.precision, world, stage.offload, gpus_per_node,
+                      largest_layer_params(a))
+    mode = compute_mode(stage.precision, stage.zero_stage)
+    act = activations(a, stage.seq_len, stage.micro_batch_size, mode, stage.gradient_checkpointing)
+    head = "lm_head.weight" if "lm_head.weight" in ten.shapes else "model.embed_tokens.weight"
+    fused = (stage.fused_loss and stage.zero_stage != 3 and a.family in PLAIN_HEAD_FAMILIES
+             and not (stage.lora and "lm_head" in (list(stage.lora.target_modules) + list(stage.lora.modules_to_save))))
+    loss = loss_buffer(a, stage.seq_len, stage.micro_batch_size, fused, mode,
+                       head_trains=head in ten.trainable or not stage.lora and head in ten.trainable)
+    gpu_bytes = (ms["params"] + ms["grads"] + ms["optimizer"] + ms["ddp_buckets"] + step_peak(act, loss)
+                 + act.get("autocast_weights", 0) + OVERHEAD_BYTES)
+    cpu_bytes = ms["params_cpu"] + ms["grads_cpu"] + ms["optimizer_cpu"]
+    out = {
+        "params_total": ten.count(), "params_trainable": ten.n_trainable, "params_frozen": ten.n_frozen,
+        "row_guarded": sorted(ten.guarded),
+        "bytes": {**ms, **act, "loss_buffer": loss, "step_peak": step_peak(act, loss),
+                  "overhead": OVERHEAD_BYTES},
+        "loss": "fused (chunked)" if fused else "standard (full logits)",
+        "compute": mode, "gradient_checkpointing": stage.gradient_checkpointing,
+        "per_process_gpu_bytes": int(gpu_bytes), "per_process_cpu_bytes": int(cpu_bytes),
+        "gpu_memory_bytes": int(gpu_memory_gb * GiB) if gpu_memory_gb else None,
+    }
+    if gpu_memory_gb:
+        cap = gpu_memory_gb * GiB
+        out["verdict"] = "fits" if gpu_bytes <= 0.9 * cap else "tight" if gpu_bytes <= cap else "does not fit"
+    else:
+        out["verdict"] = "unknown GPU memory"
+    fpt = flops_per_token(a, ten, stage.seq_len, stage.gradient_checkpointing)
+    out["flops_per_token"] = fpt
+    if measured_tokens_per_s:
+        out["eta_basis"] = f"measured {measured_tokens_per_s:,.0f} tokens/s"
+        tps = measured_tokens_per_s
+    else:
+        peak = peak_tflops or ASSUMED_PEAK_TFLOPS[stage.precision]
+        m = mfu or ASSUMED_MFU
+        tps = peak * 1e12 * m * world / fpt
+        out["eta_basis"] = f"assumed {peak:g} TFLOP/s × MFU {m:.0%} × {world} GPU(s)"
+    out["tokens_per_s"] = tps
+    out["eta_s"] = tokens / tps if tokens else None
+    return out
+
+
+def plan_memory(preset, index: int, tokens: Optional[int], world: int, vocab_size: Optional[int] = None) -> Optional[dict]:
+    """stage_memory for the plan, or None when the architecture is unknown (a model not on disk)."""
+    a = preset_arch(preset, vocab_size)
+    if a is None:
+        return None
+    c = preset.cluster
+    gpn = c.processes_per_node
+    gb = getattr(c, "gpu_memory_gb", None) or _env_float("CPT_GPU_MEMORY_GB")
+    return stage_memory(a, preset.stages[index], world, tokens, gpu_memory_gb=gb, gpus_per_node=gpn)
+
+
+def _env_float(name: str) -> Optional[float]:
+    try:
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, div in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_eta(s: Optional[float]) -> str:
+    if s is None:
+        return "?"
+    if s < 60:
+        return f"{s:.0f} s"
+    if s < 3600:
+        return f"{s / 60:.0f} min"
+    if s < 86400 * 2:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
+
+
+def format_memory(m: Optional[dict]) -> str:
+    """One line for format_plan and the launch screen."""
+    if m is None:
+        return "memory: unknown (the model's config.json is not on this machine)"
+    b = m["bytes"]
+    parts = [f"params {fmt_bytes(b['params'])}", f"grads {fmt_bytes(b['grads'])}",
+             f"optimizer {fmt_bytes(b['optimizer'])}", f"activations {fmt_bytes(b['activations'])}"
+             + (" (ckpt)" if m["gradient_checkpointing"] else ""),
+             f"loss {fmt_bytes(b['loss_buffer'])} ({m['loss'].split()[0]})"]
+    if b.get("autocast_weights"):
+        parts.append(f"autocast copies {fmt_bytes(b['autocast_weights'])}")
+    if b.get("ddp_buckets"):
+        parts.append(f"DDP buckets {fmt_bytes(b['ddp_buckets'])}")
+    line = (f"memory/process: {fmt_bytes(m['per_process_gpu_bytes'])} = " + ", ".join(parts)
+            + f" + 1 GiB reserve → {m['verdict']}")
+    if m["gpu_memory_bytes"]:
+        line += f" ({fmt_bytes(m['gpu_memory_bytes'])} GPU)"
+    if m["per_process_cpu_bytes"]:
+        line += f"; offloaded to host {fmt_bytes(m['per_process_cpu_bytes'])}"
+    tr = f"trainable {m['params_trainable']:,} of {m['params_total']:,} params"
+    if m["row_guarded"]:
+        tr += " (new rows only: " + ", ".join(x.split(".")[-2] for x in m["row_guarded"]) + ")"
+    return line + f"\n    {tr}; ETA {fmt_eta(m['eta_s'])} ({m['eta_basis']}, {m['flops_per_token'] / 1e9:.2f} GFLOP/token)"
