@@ -94,7 +94,7 @@ def start_detached(preset_path: str | Path, db_path: str | Path, **options) -> s
     path, preset, plan = load_checked(str(preset_path), check_paths=True)
     try:
         backend = backend_for(preset.cluster)
-        backend.preflight()
+        backend.preflight(stages=preset.stages)
         backend.commands(preset.stages[0], "stage.json", "<unused>", write_configs=False)
     except LaunchError as e:
         raise Invalid(f"{path}: cluster: {e}") from None

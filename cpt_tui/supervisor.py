@@ -205,7 +205,7 @@ class Supervisor:
             raise RunFailed(str(e)) from None
         sl.config.write_text(json.dumps(cfg, indent=1))
         try:
-            self.backend.preflight()  # nodes can vanish between stages
+            self.backend.preflight(stages=[st])  # nodes can vanish between stages
             cmds = self.backend.commands(st, str(sl.config), str(self.run_dir))
         except LaunchError as e:
             raise RunFailed(str(e)) from None
@@ -265,7 +265,8 @@ class Supervisor:
                 why += f": {reason}"
             elif state == "stopped":
                 why += " (stopped by SIGTERM without a stop request)"
-            if restarts > self.opts["max_restarts"]:
+            refused = state == "failed" and (reason or "").startswith("DeviceError")  # the node cannot: no retry
+            if restarts > self.opts["max_restarts"] or refused:
                 self.store.update_stage(self.run_id, idx, status="failed", finished=time.time())
                 raise RunFailed(f"stage {st.name!r} failed ({why}); restart limit {self.opts['max_restarts']} "
                                 f"reached{self._tail(sl.log)}")

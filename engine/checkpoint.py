@@ -11,7 +11,14 @@
     (engine/layout.py names the paths and decides what is complete).
 
 Writing is collective: every rank calls `save`, with the trainer's barriers in a fixed order
-(rank 0 makes the directory | barrier | every rank writes | barrier | rank 0 commits | barrier).
+(rank 0 makes the directory | barrier | every rank writes and fsyncs what it wrote | barrier |
+rank 0 commits | barrier). Every rank fsyncs: on several nodes, rank 0 cannot flush the others' files.
+
+Reading: rank 0 alone picks the checkpoint to resume from and broadcasts its step (`choose`), so
+every rank loads the same one (a rank deciding by itself could see another directory listing:
+rank 0 deleting temporaries, NFS attribute caching). Every torch.load maps to the CPU: an optimizer
+state saved from GPU 0 would otherwise land on GPU 0 in every rank (8 ranks × 8 B/param, OOM);
+`load_state_dict` then moves it to each parameter's own device.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import numpy as np
 import torch
 
 from engine.data.pack import fsync_dir, write_json_atomic
-from engine.layout import TRAINER_STATE, StageLayout
+from engine.layout import TRAINER_STATE, StageLayout, checkpoint_step
 from engine.spec import CheckpointSpec
 
 CKPT_FORMAT = 1
@@ -52,6 +59,11 @@ def set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def torch_load(path: Path):
+    """torch.load of one of our checkpoint files, always onto the CPU (see the module docstring)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def fsync_tree(root: Path) -> None:
     for p in root.rglob("*"):
         if p.is_file():
@@ -66,10 +78,54 @@ def read_state(path: Path) -> dict:
     return json.loads((path / TRAINER_STATE).read_text())
 
 
-def load_weights(model, ckpt: Path) -> None:
-    """Weights of a checkpoint (ours, or DeepSpeed's) or an HF directory into `model`, exactly."""
+def _partitioned(model) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def _load_partitioned(model, ckpt: Path, rank: int) -> None:
+    """ZeRO-3 (model built under deepspeed.zero.Init: every parameter an empty placeholder): each
+    parameter is gathered, rank 0 copies the checkpoint's tensor in, DeepSpeed re-partitions it
+    (GatheredParameters, modifier_rank=0). Collective: every rank walks the same parameters; only
+    rank 0 reads the file, tensor by tensor."""
+    import deepspeed
+
+    src = None
+    if rank == 0:
+        if (ckpt / "model.safetensors").exists():
+            from safetensors import safe_open
+
+            f = safe_open(str(ckpt / "model.safetensors"), framework="pt")
+            src = {k: (lambda k=k: f.get_tensor(k)) for k in f.keys()}
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="engine")
+            src = {k: (lambda v=v: v) for k, v in sd.items()}
+    names, seen = [], set()
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            names.append((n, p))
+    missing = []
+    for n, p in names:
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            if rank == 0:
+                if n in src:
+                    p.data.copy_(src[n]().to(p.dtype))
+                elif "lm_head" not in n:
+                    missing.append(n)
+    if missing:
+        raise ValueError(f"{ckpt} does not fit this stage's model: missing {missing[:3]}")
+
+
+def load_weights(model, ckpt: Path, rank: int = 0) -> None:
+    """Weights of a checkpoint (ours, or DeepSpeed's) or an HF directory into `model`, exactly.
+    Under ZeRO-3 collective (every rank calls it; see _load_partitioned)."""
     from safetensors.torch import load_model
 
+    if _partitioned(model) and ((ckpt / "model.safetensors").exists() or (ckpt / "engine").is_dir()):
+        _load_partitioned(model, ckpt, rank)
+        return
     if (ckpt / "model.safetensors").exists():
         missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
     elif (ckpt / "engine").is_dir():
@@ -126,8 +182,23 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ finding
     def latest(self) -> Optional[Path]:
-        """The newest complete checkpoint of this stage, or None."""
+        """The newest complete checkpoint of this stage, or None (as this process sees it)."""
         return self.layout.latest_checkpoint()
+
+    def choose(self) -> Optional[Path]:
+        """Collective: the checkpoint every rank resumes from: rank 0's latest, its step broadcast
+        (after remove_partial, behind a barrier)."""
+        self.remove_partial()
+        self.dist.barrier()
+        mine = self.latest() if self.dist.rank == 0 else None
+        step = self.dist.broadcast_int(checkpoint_step(mine) if mine is not None else -1)
+        if step < 0:
+            return None
+        path = self.layout.checkpoint(step)
+        if not (path / TRAINER_STATE).exists():
+            raise RuntimeError(f"rank {self.dist.rank}: rank 0 resumes from {path}, which this process cannot "
+                               "read (is the run directory shared by every node?)")
+        return path
 
     def remove_partial(self) -> None:
         """Rank 0: delete checkpoints interrupted mid-write (.tmp-step-N)."""
@@ -136,9 +207,10 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
 
     # ------------------------------------------------------------------ writing
-    def save(self, step: int, tokens: int, state: Callable[[], dict]) -> Path:
+    def save(self, step: int, tokens: int, state: Callable[[], dict], rng: Optional[dict] = None) -> Path:
         """Collective: write checkpoints/step-`step`. `state()` (called on rank 0 only) gives the
-        trainer_state.json fields besides `format`. Prunes to the newest `keep_last`."""
+        trainer_state.json fields besides `format`. Prunes to the newest `keep_last`. `rng`: this
+        rank's RNG states to record (default: now; a stop mid-step gives those at the step's start)."""
         rank, final, tmp = self.dist.rank, self.layout.checkpoint(step), self.layout.tmp_checkpoint(step)
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -155,7 +227,9 @@ class Checkpointer:
                 torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
             if self.hf_config:
                 self.unwrapped.config.save_pretrained(str(tmp))
-        torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+        torch.save(rng if rng is not None else rng_state(), tmp / f"rng-rank{rank}.pt")
+        if rank != 0:
+            fsync_tree(tmp)  # this rank's files (on its node: nobody else can flush them)
         self.dist.barrier()
         if rank == 0:
             write_json_atomic(tmp / TRAINER_STATE, {"format": CKPT_FORMAT, **state()})
@@ -186,14 +260,14 @@ class Checkpointer:
                                        load_lr_scheduler_states=False)
         elif not self.ds and (path / "optimizer.pt").exists():
             try:
-                self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+                self.optimizer.load_state_dict(torch_load(path / "optimizer.pt"))
             except ValueError as e:
                 if own:
                     raise
                 self.ev.emit("warning", kind="config", message=f"optimizer state of {path} does not fit this "
                              f"stage's parameters ({e}); starting with a fresh optimizer")
             if (path / "scaler.pt").exists() and self.scaler is not None:
-                self.scaler.load_state_dict(torch.load(path / "scaler.pt"))
+                self.scaler.load_state_dict(torch_load(path / "scaler.pt"))
         elif own:
             raise RuntimeError(f"{path}: checkpoint written {'without' if self.ds else 'with'} DeepSpeed; "
                                "restart the stage with the same zero_stage")
@@ -205,4 +279,4 @@ class Checkpointer:
         """This rank's RNG states, if the checkpoint has them."""
         rng = path / f"rng-rank{self.dist.rank}.pt"
         if rng.exists():
-            set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(torch_load(rng))

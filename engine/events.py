@@ -46,7 +46,7 @@ COMMON = {"v": int, "seq": int, "ts": _NUM, "type": str, "stage": str}
 SCHEMA: dict[str, tuple[dict, dict]] = {
     "status": ({"state": str}, {"reason": str, "exit_code": int, "step": int, "total_steps": int, "tokens": int,
                                 "world_size": int, "grad_accum": int, "threads": int, "resumed_from": (str, type(None)),
-                                "export": str, "loss": str}),
+                                "export": str, "loss": str, "device": str, "dtype": str}),
     "metric": ({"step": int, "tokens": int, "loss": _NUM, "lr": _NUM, "grad_norm": _OPT_NUM,
                 "tokens_per_s": _NUM, "total_steps": int},
                {"data_wait_s": _NUM, "step_time_s": _NUM, "cpu_s": _NUM, "elapsed": _NUM, "skipped": int}),

@@ -4,7 +4,9 @@ run without them (each hook then returns at once).
     CPT_FAULT_NAN_STEP="3,7"     the loss of those (1-based) steps is NaN
     CPT_FAULT_KILL_STEP=k        every rank SIGKILLs itself in the middle of step k (after the first
                                  micro-batch's forward): a hard crash, for the resume tests
-    CPT_FAULT_SLOW_S=t           t seconds added to every step (time to deliver a signal)
+    CPT_FAULT_SLOW_S=t           t seconds added to every step (time to deliver a signal), spread over
+                                 its micro-batches (t/n before each of n): a long accumulation step
+    CPT_FAULT_SLOW_STEPS="2,3"   only those (1-based) steps are slowed (default: every step)
     CPT_FAULT_PREP_KILL_AFTER=n  data preparation SIGKILLs itself once a source has committed n
                                  train tokens (engine/data/pack.py)
 """
@@ -27,19 +29,23 @@ def prep_kill_after(env: Optional[Mapping[str, str]] = None) -> Optional[int]:
 
 
 class Faults:
-    """The trainer's faults. Two hooks: `step_begins` at the start of a step, `loss` on each
-    micro-batch's loss (returns the loss to use)."""
+    """The trainer's faults. Hooks: `step_begins` at the start of a step, `micro_begins` before each
+    micro-batch, `loss` on each micro-batch's loss (returns the loss to use)."""
 
     def __init__(self, env: Optional[Mapping[str, str]] = None):
         env = os.environ if env is None else env
         self.nan_steps = _steps(env, "CPT_FAULT_NAN_STEP")
         self.kill_steps = _steps(env, "CPT_FAULT_KILL_STEP")
         self.slow = float(env.get("CPT_FAULT_SLOW_S", "0"))
+        self.slow_steps = _steps(env, "CPT_FAULT_SLOW_STEPS")
 
     def step_begins(self, step: int) -> None:
         """`step`: 1-based, the step about to run."""
-        if self.slow:
-            time.sleep(self.slow)
+
+    def micro_begins(self, step: int, micro: int, n: int) -> None:
+        """Before micro-batch `micro` (0-based) of the `n` of 1-based `step`."""
+        if self.slow and (not self.slow_steps or step in self.slow_steps):
+            time.sleep(self.slow / n)
 
     def loss(self, loss, step: int, micro: int):
         """`step`: 1-based; `micro`: the micro-batch's index within the step."""

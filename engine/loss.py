@@ -131,14 +131,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = torch.empty_like(h) if need_h else None
         gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         total = h.new_zeros((), dtype=torch.float32)
-        autocast = torch.is_autocast_enabled(h.device.type)  # then the matmuls cast by themselves
+        dev = h.device.type
+        autocast = torch.is_autocast_enabled(dev)  # then the matmuls cast by themselves
         fp32 = not autocast and h.dtype == w.dtype == torch.float32  # g is fp32 too: no temporaries
+        # fp16 anywhere: the weight gradient g.T @ h sums |g| <= 1 times the hidden values over a
+        # whole chunk of tokens, unscaled (the loss scale comes in backward): in fp16 that passes
+        # 65504 where the standard loss's (already 1/N-scaled) gradient does not. Done in fp32.
+        # (g @ w stays in the low precision: |g| sums to <= 2 per row, it cannot overflow.)
+        half = torch.float16 in (h.dtype, w.dtype) or (autocast and torch.get_autocast_dtype(dev) == torch.float16)
         for s in range(0, h.shape[0], chunk):
             hc = h[s:s + chunk]
-            loss, g = _chunk(hc, w, t[s:s + chunk], want_grad=True)
+            loss, g32 = _chunk(hc, w, t[s:s + chunk], want_grad=True)
             total += loss
-            if not autocast:
-                g = g.to(w.dtype)  # no copy in fp32
+            g = g32 if autocast else g32.to(w.dtype)  # no copy in fp32
             if need_h:
                 if fp32:
                     torch.mm(g, w, out=gh[s:s + chunk])
@@ -147,6 +152,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_w:
                 if fp32:
                     gw.addmm_(g.t(), hc)
+                elif half:
+                    with torch.autocast(dev, enabled=False):
+                        gw.addmm_(g32.t(), hc.float())
                 else:
                     gw += (g.t() @ hc.to(g.dtype)).float()
         count = (t != IGNORE).sum().clamp_min(1)

@@ -31,13 +31,31 @@ class PlanError(UserError, ValueError):
         self.yaml_path, self.msg = yaml_path, msg
 
 
+def processes_per_node(cluster) -> int:
+    """`cluster.processes_per_node`, with `auto` resolved for a local cluster: the GPUs of this
+    machine (engine/doctor.py gpu_count, no torch import), 1 without any or with `device: cpu`.
+    SSH nodes cannot be counted from here: `auto` there is an error naming the fix."""
+    n = cluster.processes_per_node
+    if n != "auto":
+        return n
+    if cluster.kind != "local":
+        raise PlanError("cluster.processes_per_node", "`auto` (the default) is only resolved for a local cluster: "
+                        "set processes_per_node (or each node's `processes`) to the GPUs per node "
+                        "(`cpt-tui doctor <preset>` lists what each node has)")
+    from engine.gpus import gpu_count
+
+    return 1 if cluster.device == "cpu" else max(1, gpu_count())
+
+
 def world_size(preset: Preset) -> int:
     c = preset.cluster
     if c.kind == "local":
-        return c.processes_per_node
+        return processes_per_node(c)
     if c.kind == "slurm":
-        return c.slurm.nodes * c.processes_per_node
-    return sum(n.processes or c.processes_per_node for n in c.nodes)
+        return c.slurm.nodes * processes_per_node(c)
+    if all(n.processes for n in c.nodes):
+        return sum(n.processes for n in c.nodes)
+    return sum(n.processes or processes_per_node(c) for n in c.nodes)
 
 
 def grad_accum(stage: StageSpec, world: int, where: str = "") -> int:
@@ -295,4 +313,6 @@ def stage_config(preset: Preset, index: int, run_dir: str | Path, prepared: dict
         # (the forgetting monitor needs the old domains too).
         "sources": stage_sources(prepared, st.name),  # long_docs: the stage's views (engine.data.longdocs)
         "world_size": world_size(preset),
+        "device": preset.cluster.device,  # auto | cuda | cpu: the trainer decides on its node (issue 20)
+        "model_dtype": preset.model.dtype,
     }

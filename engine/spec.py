@@ -328,7 +328,8 @@ class NodeSpec(_Strict):
     port: Optional[int] = Field(None, gt=0, lt=65536)
     workdir: str = Field("~/cpt-tui", description="run directory on the node")
     python: str = Field("python3", description="the node's Python with the engine installed")
-    processes: Optional[int] = Field(None, gt=0, description="default: cluster.processes_per_node")
+    processes: Optional[int] = Field(None, gt=0, description="default: cluster.processes_per_node (auto: the "
+                                     "node's GPU count)")
     address: Optional[str] = Field(None, description="address other nodes reach this one at (default: host)")
     env: dict[str, str] = Field(default_factory=dict)
 
@@ -351,9 +352,19 @@ class SlurmSpec(_Strict):
 
 class ClusterSpec(_Strict):
     kind: Literal["local", "ssh", "slurm"] = "local"
-    processes_per_node: int = Field(1, gt=0)
+    processes_per_node: Union[Annotated[int, Field(gt=0)], Literal["auto"]] = Field(
+        "auto", description="`auto`: the number of GPUs torch sees on the node (the preflight probe, "
+        "engine/doctor.py), 1 on a node without CUDA")
     nodes: list[NodeSpec] = Field(default_factory=list)
-    main_process_port: int = Field(29500, gt=0, lt=65536)
+    main_process_port: Optional[int] = Field(None, gt=0, lt=65536, description="default: a free port "
+                                             "picked per stage attempt (local), 29500 (ssh)")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="decided on each node: `auto` trains on CUDA where torch sees it and refuses "
+        "bf16/fp16 on a node without it (preflight); `cuda` refuses any node without CUDA; `cpu` always "
+        "trains on the CPU (the tiny demos, tests)")
+    stop_grace: float = Field(300.0, gt=0, description="seconds a stopped trainer has to write its "
+                              "checkpoint before torchrun (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) and the "
+                              "node's guard SIGKILL it")
     env: dict[str, str] = Field(default_factory=dict, description="propagated to every node")
     ssh_options: list[str] = Field(default_factory=list)
     slurm: Optional[SlurmSpec] = None

@@ -15,7 +15,19 @@ loss scaling; the loop calls its backward/step once per micro-batch.
 Checkpoints: engine/checkpoint.py (Checkpointer); throughput and spikes: engine/metrics.py;
 test-only fault injection (CPT_FAULT_*): engine/faults.py.
 
-Exit codes: 0 done, 1 failed, 75 stopped by SIGTERM after a checkpoint (resumable).
+Device (issue 20): decided here, on the node, never by the launcher: CUDA where torch sees it. The
+stage config's `device` (cluster.device) is `auto` (then a bf16/fp16 stage on a node without CUDA
+is refused: it would silently train on the CPU), `cuda` (refused without CUDA) or `cpu`. A refusal
+is a failed status naming the node, exit code 2. The running event states the device.
+
+Stopping: SIGTERM sets a flag that every rank agrees on (a sum over ranks) before each micro-batch
+and at the end of each step. Agreed at a step's end: checkpoint that step. Agreed in the middle of
+a step (a long accumulation step would outlast torchrun's and the guard's kill delays): the partial
+step is dropped and the checkpoint is the state as of the last completed step (weights, optimizer,
+data position, and the RNG states taken at the dropped step's start), so resume stays bit-exact.
+
+Exit codes: 0 done, 1 failed, 2 refused (a user error: device, dtype), 75 stopped by SIGTERM after
+a checkpoint (resumable).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -33,9 +46,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.checkpoint import CKPT_FORMAT, Checkpointer, load_weights, read_state  # noqa: F401  (CKPT_FORMAT: API)
+from engine.checkpoint import (CKPT_FORMAT, Checkpointer, load_weights, read_state,  # noqa: F401  (CKPT_FORMAT: API)
+                               rng_state)
 from engine.data.mixture import block_order, plan_mixture
 from engine.data.pack import open_tokens
+from engine.errors import UserError
 from engine.events import EventWriter
 from engine.faults import Faults
 from engine.layout import StageLayout
@@ -46,6 +61,11 @@ from engine.spec import MIXED_PRECISION, MixtureSpec, StageSpec
 from engine.trainable import RowGuard, apply_patterns, apply_trainable, param_groups
 
 EXIT_STOPPED = 75
+EXIT_REFUSED = 2
+
+
+class DeviceError(UserError):
+    """The node cannot train the stage as asked (no CUDA, a dtype that cannot train there)."""
 
 
 class StageData:
@@ -89,11 +109,20 @@ def val_blocks(cfg: dict, seq_len: int, max_blocks: int) -> dict[str, torch.Tens
 class Dist:
     """Rank, world size and the few collectives the loop needs, straight from torch.distributed."""
 
-    def __init__(self):
+    def __init__(self, device=None):
         d = torch.distributed
         self.on = d.is_available() and d.is_initialized()
         self.rank = d.get_rank() if self.on else 0
         self.world = d.get_world_size() if self.on else 1
+        self.device = device  # where collective tensors live (NCCL: the rank's GPU)
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's `value` on every rank."""
+        if not (self.on and self.world > 1):
+            return value
+        t = torch.tensor([value if self.rank == 0 else 0], dtype=torch.int64, device=self.device)
+        torch.distributed.broadcast(t, 0)
+        return int(t.item())
 
     def barrier(self) -> None:
         if self.on and self.world > 1:
@@ -121,26 +150,55 @@ class Trainer:
         self.mix = MixtureSpec.model_validate(cfg["mixture"])
         self.layout = StageLayout(cfg["out_dir"])
         self.ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        cuda = torch.cuda.is_available()
+        # cluster.device; None: a stage config written before it existed (no device checks)
+        self.device_pref = cfg.get("device")
+        if self.device_pref == "cpu" and self.ds:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would pick CUDA by itself
+        cuda = torch.cuda.is_available() and self.device_pref != "cpu"
+        self.refusal = self._device_refusal(cuda)
         self.notes: list[tuple[str, str]] = []
         mp = MIXED_PRECISION[st.precision]
         if not cuda and mp == "fp16":  # fp16 autocast and loss scaling need a GPU; bf16 works on CPU
             mp = "no"
             self.notes.append(("precision", "fp16 requested but no GPU: training in fp32 (use bf16 on CPU)"))
+        if not cuda and self.device_pref is None and st.precision == "bf16":
+            self.notes.append(("device", f"node {socket.gethostname()}: torch sees no CUDA: training bf16 on the CPU"))
         # DeepSpeed on CPU only engages with cpu=False (cpu=True silently falls back to DDP).
         self.accelerator = Accelerator(cpu=not cuda and not self.ds, mixed_precision=mp)
-        self.dist = Dist()
+        if self.ds and not cuda:  # the launcher cannot know the node has no GPU: no pinned memory here
+            zero = self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+            for k in ("offload_optimizer", "offload_param"):
+                if isinstance(zero.get(k), dict):
+                    zero[k]["pin_memory"] = False
+        self.dist = Dist(self.accelerator.device)
         self.rank, self.world = self.dist.rank, self.dist.world
         self.ev = EventWriter(self.layout.events, st.name, enabled=self.rank == 0)
         try:
+            if self.refusal:
+                raise DeviceError(self.refusal)
             self._configure()
         except Exception as e:
             self.fail(e)
             raise
 
+    def _device_refusal(self, cuda: bool) -> str | None:
+        """Why this node must not train the stage (cluster.device vs what torch sees), or None."""
+        if cuda or self.device_pref in (None, "cpu"):
+            return None
+        host = socket.gethostname()
+        why = (f"node {host}: torch {torch.__version__} (CUDA build {torch.version.cuda}) sees no CUDA device "
+               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+        if self.device_pref == "cuda":
+            return f"{why}; cluster.device is cuda"
+        if self.stage.precision in ("bf16", "fp16"):
+            return (f"{why}, and the stage trains in {self.stage.precision}: it would train on the CPU. Fix the "
+                    "node's torch/driver, or set cluster.device: cpu to train on the CPU")
+        return None
+
     def fail(self, e: BaseException) -> None:
         """Record an exception as the stage's end (status failed) and close the event log."""
-        self.ev.emit("status", state="failed", reason=f"{type(e).__name__}: {e}", exit_code=1)
+        code = EXIT_REFUSED if isinstance(e, UserError) else 1
+        self.ev.emit("status", state="failed", reason=f"{type(e).__name__}: {e}", exit_code=code)
         self.ev.close()
 
     def _configure(self) -> None:
@@ -191,7 +249,8 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg["tokenizer_dir"])
         mconf = AutoConfig.from_pretrained(cfg["model_dir"])
         _extend_context(mconf, st.seq_len, st.rope_theta)
-        model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], config=mconf, dtype=torch.float32,
+        # model.dtype: every rank loads in it (a bf16 8B model: 16 GB per rank, not 32 GB of fp32)
+        model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], config=mconf, dtype=self.model_dtype,
                                                      attn_implementation="sdpa")
         if st.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -213,7 +272,8 @@ class Trainer:
         else:
             self.guard = apply_trainable(model, st.trainable, old_vocab)
         if weights_from is not None:  # `start: resume` from another stage: its weights, before wrapping
-            load_weights(model, weights_from)
+            load_weights(model, weights_from, rank=self.rank)  # ZeRO-3: collective, gathered per parameter
+        self._check_dtype(model)
         # The chunked loss (engine/loss.py) when the head allows it: never the whole batch's logits.
         self.loss_kind = "standard"
         self.head = None
@@ -241,6 +301,23 @@ class Trainer:
         self.val = val_blocks(cfg, st.seq_len, st.eval.block_limit)
         self.step, self.position = 0, 0
 
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return getattr(torch, self.cfg.get("model_dtype") or "float32")
+
+    def _check_dtype(self, model) -> None:
+        """Trainable 16-bit weights without DeepSpeed have no fp32 master copy: fp16 ones cannot
+        train at all (GradScaler refuses fp16 gradients), bf16 ones train in pure bf16 (a warning)."""
+        if self.ds:
+            return  # DeepSpeed keeps fp32 master weights in its optimizer
+        half = {p.dtype for p in model.parameters() if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)}
+        if torch.float16 in half:
+            raise DeviceError("model.dtype float16 with trainable fp16 weights and no DeepSpeed: set model.dtype "
+                              "float32 (precision fp16 still computes in fp16), use LoRA, or zero_stage >= 1")
+        if torch.bfloat16 in half:
+            self.ev.emit("warning", kind="precision", message="model.dtype bfloat16 without DeepSpeed: AdamW updates "
+                         "bf16 weights directly (no fp32 master copy); use model.dtype float32 for mixed precision")
+
     def _restarts(self) -> list[int]:
         """Steps after which ReLoRA restarts: the end of the warm start, then every merge."""
         r = self.relora
@@ -253,8 +330,7 @@ class Trainer:
     def resume(self) -> tuple[Path | None, Path | None]:
         """Build the model, from this stage's latest checkpoint (a restart) or else the checkpoint
         of `start: resume`. Returns (own checkpoint, other stage's checkpoint): at most one is set."""
-        self.ckpt.remove_partial()  # a checkpoint interrupted mid-write
-        own = self.ckpt.latest()
+        own = self.ckpt.choose()  # rank 0's latest (after removing partial ones), the same on every rank
         other = Path(self.cfg["resume_from"]) if own is None and self.cfg.get("resume_from") else None
         self.build(weights_from=other)
         if own is not None:
@@ -265,8 +341,9 @@ class Trainer:
             self._set_phase()
         return own, other
 
-    def save_checkpoint(self) -> None:
-        self.ckpt.save(self.step, self.tokens, lambda: {
+    def save_checkpoint(self, rng: dict | None = None) -> None:
+        self.saved_step = self.step
+        self.ckpt.save(self.step, self.tokens, rng=rng, state=lambda: {
             "step": self.step, "position": self.position, "schedule_start": self.schedule.start,
             "world_size": self.world, "deepspeed": self.ds,
             "tokens_per_source": self.data.tokens_per_source(self.position)})
@@ -284,6 +361,8 @@ class Trainer:
         if own:
             self.ckpt.load_rng(path)
         self.step, self.position = state["step"], state["position"]
+        if own:
+            self.saved_step = self.step
         self.schedule.start = state.get("schedule_start", 0) if (own or st.load_lr_scheduler) else self.step
         if self.step >= self.total_steps and not own:
             raise ValueError(f"resumed at step {self.step}, but this stage ends at step {self.total_steps} "
@@ -338,7 +417,10 @@ class Trainer:
         self.start()
         while self.step < self.total_steps:
             lr = self.schedule.lr(self.step)
-            loss, grad_norm, stop = self.train_step(lr)
+            done = self.train_step(lr)
+            if done is None:  # stopped in the middle of the step: it is dropped
+                return self.stopped(rng=self.step_rng)
+            loss, grad_norm, stop = done
             self.step += 1
             self.position += st.global_batch_size
             if loss is None and (st.nan_policy == "stop" or self.ds):
@@ -352,15 +434,22 @@ class Trainer:
                 self.log_metrics(loss, lr, grad_norm)
             if self.val and self._every(st.eval.every_steps):
                 self.evaluate()
-            if stop or self.ckpt.due(self.step, self.tokens, self.total_steps):
+            if self.ckpt.due(self.step, self.tokens, self.total_steps):
                 self.save_checkpoint()
             if stop:
-                self.ev.emit("status", state="stopped", step=self.step, reason="SIGTERM", exit_code=EXIT_STOPPED)
-                return EXIT_STOPPED
+                return self.stopped()
         self.export()
         self.ev.emit("status", state="done", step=self.step, tokens=self.tokens, export=str(self.layout.final),
                      exit_code=0)
         return 0
+
+    def stopped(self, rng: dict | None = None) -> int:
+        """All ranks agreed on SIGTERM: checkpoint the last completed step (unless it has one), exit 75.
+        `rng`: the RNG states as of that step's end (a dropped partial step consumed some)."""
+        if self.saved_step != self.step:
+            self.save_checkpoint(rng=rng)
+        self.ev.emit("status", state="stopped", step=self.step, reason="SIGTERM", exit_code=EXIT_STOPPED)
+        return EXIT_STOPPED
 
     def start(self) -> None:
         """SIGTERM handling, status starting, resume (or a fresh model), status running, the
@@ -371,9 +460,15 @@ class Trainer:
                      threads=torch.get_num_threads())
         for kind, msg in self.notes:
             self.ev.emit("warning", kind=kind, message=msg)
+        self.saved_step = -1
         own, other = self.resume()
+        if not self.ds:  # (DeepSpeed runs the optimizer step itself: restore is never called there)
+            self.guard.snapshot()  # the protected rows as loaded, on their device
+        dev = self.accelerator.device
         self.ev.emit("status", state="running", step=self.step, total_steps=self.total_steps, loss=self.loss_kind,
-                     resumed_from=str(own or other) if (own or other) else None)
+                     resumed_from=str(own or other) if (own or other) else None,
+                     device=f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev),
+                     dtype=str(self.model_dtype).removeprefix("torch."))
         if own is None and self.val:  # not a restart (a fresh start, or `start: resume`): the baseline
             self.evaluate()
         self.spikes = SpikeWatch(st.spike_window, st.spike_factor)
@@ -401,10 +496,15 @@ class Trainer:
                      tokens_per_s=t.tokens_per_s, total_steps=self.total_steps, data_wait_s=t.data_wait_s,
                      step_time_s=t.step_time_s, cpu_s=t.cpu_s, elapsed=t.elapsed, skipped=self.skipped)
 
-    def train_step(self, lr: float) -> tuple[float | None, float | None, bool]:
+    def agreed_stop(self) -> bool:
+        """Whether any rank got SIGTERM (a collective: every rank calls it at the same points)."""
+        return self.dist.sum([1.0 if self.stop_requested else 0.0], self.accelerator.device)[0] > 0
+
+    def train_step(self, lr: float) -> tuple[float | None, float | None, bool] | None:
         """One optimizer step over the rank's share of the global batch. Returns (mean loss over the
-        whole batch, or None if non-finite; grad norm; whether any rank got SIGTERM). The time spent
-        fetching batches goes to self.timer."""
+        whole batch, or None if non-finite; grad norm; whether any rank got SIGTERM), or None if the
+        ranks agreed to stop before one of its micro-batches (nothing of the step is applied). The
+        time spent fetching batches goes to self.timer."""
         st, acc = self.stage, self.accelerator
         mb, n = st.micro_batch_size, self.accum
         base = self.position + self.rank * mb * n
@@ -412,8 +512,13 @@ class Trainer:
             g["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float64)
         wait = 0.0
+        self.step_rng = rng_state() if n > 1 else None  # a stop mid-step checkpoints these
         self.faults.step_begins(self.step + 1)
         for m in range(n):
+            if m and self.agreed_stop():
+                self.optimizer.zero_grad(set_to_none=True)  # (DeepSpeed: the process exits without stepping)
+                return None
+            self.faults.micro_begins(self.step + 1, m, n)
             t0 = time.perf_counter()
             x = self.data.batch(range(base + m * mb, base + (m + 1) * mb)).to(acc.device, non_blocking=True)
             wait += time.perf_counter() - t0
@@ -485,8 +590,10 @@ class Trainer:
 
         self.dist.barrier()
         state_dict = None
+        dt = self.model_dtype  # the export is in model.dtype (README "GPU readiness")
         if self.ds and self.stage.zero_stage == 3:
             state_dict = self.accelerator.get_state_dict(self.model)  # collective gather
+            state_dict = {k: v.to(dt) if v.is_floating_point() else v for k, v in state_dict.items()}
         if self.rank == 0:
             final, tmp = self.layout.final, self.layout.tmp_final
             shutil.rmtree(tmp, ignore_errors=True)
@@ -495,6 +602,8 @@ class Trainer:
             if self.stage.lora:
                 model.save_pretrained(str(tmp / "adapter"))
                 model = export_model(model)
+            if state_dict is None:
+                model.to(dt)  # training is over: in place keeps tied weights tied
             model.save_pretrained(str(tmp), state_dict=state_dict)
             self.tokenizer.save_pretrained(str(tmp))
             shutil.rmtree(final, ignore_errors=True)
@@ -550,9 +659,17 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _keep_freed_memory()
     cfg = json.loads(Path(argv[0]).read_text())
-    trainer = Trainer(cfg)  # records its own failure once its event log is open
+    try:
+        trainer = Trainer(cfg)  # records its own failure once its event log is open
+    except UserError as e:  # refused (recorded as a failed status): the message, no traceback
+        print(f"engine.train: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     try:
         code = trainer.run()
+    except UserError as e:
+        trainer.fail(e)
+        print(f"engine.train: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     except Exception as e:  # recorded, then re-raised so the traceback reaches the log
         trainer.fail(e)
         raise

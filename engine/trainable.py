@@ -8,6 +8,14 @@ the decay to the new rows only (the same `p *= 1 - lr·wd` AdamW does, before it
 loaded from an all-rows stage still carries momentum for them).
 
 Tied embeddings are one tensor: it trains the union of the rows either setting allows.
+
+The saved rows are taken by `snapshot()` once the weights are loaded (a restart's checkpoint, or
+`start: resume`) and the model is placed: they live on the parameter's device, so no host↔device
+copy happens per step. Under ZeRO-3 (parameters partitioned by
+deepspeed.zero.Init: `p.shape` is an empty placeholder, `p.ds_shape` the real shape) shapes come
+from `ds_shape`; the guard keeps only the gradient hook (old rows' gradients are zero, they sit in
+the no-decay group, so AdamW leaves them unchanged) and saves no copy; DeepSpeed runs the optimizer
+step, so `decay`/`restore` are not called there (the new rows get no weight decay under DeepSpeed).
 """
 
 from __future__ import annotations
@@ -17,6 +25,15 @@ import re
 import torch
 
 from engine.spec import TrainableSpec
+
+
+def real_shape(p: torch.Tensor) -> torch.Size:
+    """The parameter's shape, also when ZeRO-3 partitioned it (`ds_shape`)."""
+    return getattr(p, "ds_shape", None) or p.shape
+
+
+def partitioned(p: torch.Tensor) -> bool:
+    return hasattr(p, "ds_shape") and hasattr(p, "ds_id")
 
 
 class RowGuard:
@@ -29,9 +46,10 @@ class RowGuard:
         return bool(self.saved)
 
     def add(self, p: torch.nn.Parameter, old: int) -> None:
-        if old >= p.shape[0]:
-            raise ValueError(f"old_vocab_size {old} leaves no new row in a tensor of {p.shape[0]} rows")
-        self.saved.append((p, p.detach()[:old].clone(), old))
+        rows = real_shape(p)[0]
+        if old >= rows:
+            raise ValueError(f"old_vocab_size {old} leaves no new row in a tensor of {rows} rows")
+        self.saved.append((p, None, old))  # rows: `snapshot()`, once the weights are loaded and placed
         p.register_hook(lambda g, old=old: torch.cat([torch.zeros_like(g[:old]), g[old:]]))
 
     def params(self) -> list[torch.nn.Parameter]:
@@ -44,9 +62,16 @@ class RowGuard:
                 p[old:].mul_(1 - lr * weight_decay)
 
     @torch.no_grad()
+    def snapshot(self) -> None:
+        """Copy the protected rows as they are now (after loading weights and placing the model:
+        on the parameter's own device, so that `restore` never copies between host and device)."""
+        self.saved = [(p, None if partitioned(p) else p.detach()[:old].clone(), old) for p, _, old in self.saved]
+
+    @torch.no_grad()
     def restore(self) -> None:
         for p, rows, old in self.saved:
-            p[:old].copy_(rows)
+            if rows is not None:
+                p[:old].copy_(rows)
 
 
 def apply_trainable(model, spec: TrainableSpec, old_vocab_size: int | None) -> RowGuard:
@@ -88,7 +113,8 @@ def apply_patterns(model, include: list[str], exclude: list[str]) -> None:
 
 
 def param_groups(model, weight_decay: float, guard: RowGuard) -> list[dict]:
-    """AdamW groups: matrices decay, vectors (norms, biases) do not, guarded tensors decay by hand."""
+    """AdamW groups: matrices decay, vectors (norms, biases) do not, guarded tensors decay by hand.
+    The dimension is the real one under ZeRO-3 (`ds_shape`), not the partition's placeholder."""
     guarded = {id(p) for p in guard.params()}
     decay, no_decay, rows = [], [], []
     seen = set()
@@ -96,7 +122,7 @@ def param_groups(model, weight_decay: float, guard: RowGuard) -> list[dict]:
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
-        (rows if id(p) in guarded else decay if p.ndim >= 2 else no_decay).append(p)
+        (rows if id(p) in guarded else decay if len(real_shape(p)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if rows:
         groups.append({"params": rows, "weight_decay": 0.0})

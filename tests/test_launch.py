@@ -19,7 +19,7 @@ import pytest
 from cpt_tui import procs as L
 from cpt_tui.backends import (LaunchError, NodeCommand, build_commands, build_telemetry_commands, format_commands,
                               preflight)
-from cpt_tui.backends.accelerate import deepspeed_config
+from cpt_tui.backends.accelerate import deepspeed_config, guard_grace
 from cpt_tui.backends.shell import remote_script as _remote_script
 from cpt_tui.procs import start, terminate
 from cpt_tui.redact import redact
@@ -51,14 +51,15 @@ def remote_words(cmd: NodeCommand) -> list[str]:
 
 
 def test_local_single_process():
-    (c,) = build_commands(ClusterSpec(), stage(), "run/stage.json", "run", python=PY, cpu=True)
+    (c,) = build_commands(ClusterSpec(main_process_port=29500), stage(), "run/stage.json", "run", python=PY, cpu=True)
     assert (c.node, c.remote, c.rank) == ("local", False, 0)
     assert c.launch == [*LAUNCH, "--num_processes", "1", "--num_machines", "1", "--machine_rank", "0",
                         "--main_process_port", "29500", "--mixed_precision", "bf16", "--dynamo_backend", "no",
                         "--cpu", "-m", "engine.train", "run/stage.json"]
     # the guard wraps it: python -c <guard> <grace> <launch...>
     assert c.argv[:2] == [PY, "-c"] and c.argv[2] == L._GUARD and c.argv[4:] == c.launch
-    assert float(c.argv[3]) == L.DEFAULT_KILL_GRACE
+    assert float(c.argv[3]) == guard_grace(300) == 315  # after torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+    assert c.env == {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}
     assert "--multi_gpu" not in c.argv and "--use_deepspeed" not in c.argv
     assert all(isinstance(a, str) for a in c.argv)
 
@@ -78,7 +79,7 @@ def test_local_two_processes():
     assert flag(c.launch, "--num_processes") == "2" and flag(c.launch, "--num_machines") == "1"
     assert "--multi_gpu" in c.launch and "--cpu" not in c.launch
     assert "--main_process_ip" not in c.launch
-    assert c.env == {"FOO": "bar"}
+    assert c.env == {"FOO": "bar", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}
 
 
 def two_node_cluster(**kw) -> ClusterSpec:
@@ -112,18 +113,26 @@ def test_ssh_two_nodes():
     assert wb[:4] == ["cd", "--", "/srv/cpt", "&&"] and wb[4:6] == ["exec", "env"]
     # env: cluster.env then node.env; then the guard; then the launch argv, word for word
     i = wb.index("/opt/py/bin/python")
-    assert wb[6:i] == ["A=1"]
-    assert wb[i:i + 4] == ["/opt/py/bin/python", "-c", L._GUARD, "20"]
+    assert wb[6:i] == ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300", "A=1"]
+    assert wb[i:i + 4] == ["/opt/py/bin/python", "-c", L._GUARD, "315"]
     assert wb[i + 4:] == b.launch
-    assert wa[wa.index("env") + 1:wa.index("python3")] == ["A=1", "GLOO_SOCKET_IFNAME=eth1"]
-    assert a.env == {"A": "1", "GLOO_SOCKET_IFNAME": "eth1"}
+    assert wa[wa.index("env") + 1:wa.index("python3")] == ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300", "A=1",
+                                                           "GLOO_SOCKET_IFNAME=eth1"]
+    assert a.env == {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300", "A": "1", "GLOO_SOCKET_IFNAME": "eth1"}
 
 
-def test_ssh_main_ip_defaults_to_host_and_unequal_processes():
-    cl = ClusterSpec(kind="ssh", nodes=[NodeSpec(host="h0"), NodeSpec(host="h1")])
+def test_ssh_main_ip_needs_an_address_and_unequal_processes():
+    # issue 20 (7): an ssh alias as the main process address may not resolve on the other nodes
+    cl = ClusterSpec(kind="ssh", processes_per_node=1, nodes=[NodeSpec(host="h0"), NodeSpec(host="h1")])
+    with pytest.raises(LaunchError, match="node h0: set its `address`"):
+        build_commands(cl, stage(), "s.json", "r", local_env={})
+    cl = ClusterSpec(kind="ssh", processes_per_node=1, nodes=[NodeSpec(host="10.0.0.5"), NodeSpec(host="h1")])
     cmds = build_commands(cl, stage(), "s.json", "r", local_env={})
-    assert {flag(c.launch, "--main_process_ip") for c in cmds} == {"h0"}
+    assert {flag(c.launch, "--main_process_ip") for c in cmds} == {"10.0.0.5"}
     assert "--multi_gpu" in cmds[0].launch  # 2 machines × 1 process = 2 processes
+    (c,) = build_commands(ClusterSpec(kind="ssh", processes_per_node=1, nodes=[NodeSpec(host="h0")]), stage(),
+                          "s.json", "r", local_env={})  # one machine: no address needed
+    assert flag(c.launch, "--main_process_ip") == "h0"
     cl = ClusterSpec(kind="ssh", nodes=[NodeSpec(host="h0", processes=2), NodeSpec(host="h1", processes=1)])
     with pytest.raises(LaunchError, match="same number of processes"):
         build_commands(cl, stage(), "s.json", "r", local_env={})
@@ -132,20 +141,23 @@ def test_ssh_main_ip_defaults_to_host_and_unequal_processes():
 def test_env_propagation_and_precedence():
     local = {"NCCL_DEBUG": "INFO", "GLOO_SOCKET_IFNAME": "lo", "HF_HOME": "/hf", "CUDA_VISIBLE_DEVICES": "0,1",
              "TORCH_HOME": "/th", "MASTER_ADDR": "m", "PYTHONPATH": "/pp", "PATH": "/usr/bin", "HOME": "/root",
-             "HF_TOKEN": "hf_secret", "TORCHELASTIC_RUN_ID": "x", "LD_PRELOAD": "evil.so"}
-    cl = ClusterSpec(kind="ssh", env={"NCCL_DEBUG": "WARN", "X": "c"},
+             "HF_TOKEN": "hf_secret", "TORCHELASTIC_RUN_ID": "x", "LD_PRELOAD": "evil.so",
+             "NCCL_SOCKET_IFNAME": "eth9", "FI_PROVIDER": "efa", "UCX_TLS": "rc", "LD_LIBRARY_PATH": "/mgr/lib"}
+    cl = ClusterSpec(kind="ssh", processes_per_node=1, env={"NCCL_DEBUG": "WARN", "X": "c"},
                      nodes=[NodeSpec(host="h0", env={"X": "n", "GLOO_SOCKET_IFNAME": "v1"})])
     (c,) = build_commands(cl, stage(), "s.json", "r", local_env=local)
-    assert c.env == {"NCCL_DEBUG": "WARN", "GLOO_SOCKET_IFNAME": "v1", "HF_HOME": "/hf", "CUDA_VISIBLE_DEVICES": "0,1",
-                     "TORCH_HOME": "/th", "MASTER_ADDR": "m", "PYTHONPATH": "/pp", "X": "n"}
+    # issue 20 (7): the manager's device / interface names and library paths are not the nodes'
+    assert c.env == {"NCCL_DEBUG": "WARN", "GLOO_SOCKET_IFNAME": "v1", "HF_HOME": "/hf", "TORCH_HOME": "/th",
+                     "PYTHONPATH": "/pp", "X": "n", "FI_PROVIDER": "efa", "UCX_TLS": "rc",
+                     "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}
     assert "hf_secret" not in c.argv[-1] and "evil.so" not in c.argv[-1]
 
 
 def test_bad_env_names_and_hosts_rejected():
-    cl = ClusterSpec(kind="ssh", nodes=[NodeSpec(host="h0", env={"A;touch x": "1"})])
+    cl = ClusterSpec(kind="ssh", processes_per_node=1, nodes=[NodeSpec(host="h0", env={"A;touch x": "1"})])
     with pytest.raises(LaunchError, match="not valid"):
         build_commands(cl, stage(), "s.json", "r", local_env={})
-    cl = ClusterSpec(kind="ssh", nodes=[NodeSpec(host="-oProxyCommand=touch x")])
+    cl = ClusterSpec(kind="ssh", processes_per_node=1, nodes=[NodeSpec(host="-oProxyCommand=touch x")])
     with pytest.raises(LaunchError, match="invalid ssh host"):
         build_commands(cl, stage(), "s.json", "r", local_env={})
 
@@ -399,7 +411,7 @@ def test_injection_through_real_sshd(sshd_loopback, tmp_path):
         evil2 = f"`touch {pwned2}`; touch {pwned2} 'x\" \\"
         node = NodeSpec(host="node-a", workdir=str(workdir), python=PY,
                         env={"PROBE_X": evil, "PROBE_Y": evil2, "PYTHONPATH": str(ROOT), "CPT_TEST_TAG": tag})
-        cl = ClusterSpec(kind="ssh", nodes=[node])
+        cl = ClusterSpec(kind="ssh", processes_per_node=1, nodes=[node])
         (c,) = build_commands(cl, stage(), str(spec), str(tmp_path), module="tests.dist_probe",
                               ssh_config=sshd_loopback.ssh_config, local_env={})
         p = start(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
-from cpt_tui.procs import DEFAULT_KILL_GRACE, GUARD_PLACEHOLDER, Proc, start as start_guarded, terminate
+from cpt_tui.procs import GUARD_PLACEHOLDER, Proc, start as start_guarded, terminate
 from engine.errors import UserError
 from engine.layout import StageLayout
 from engine.spec import ClusterSpec, Preset, StageSpec
@@ -105,14 +105,23 @@ class Backend(ABC):
     kind: str = ""
 
     def __init__(self, cluster: ClusterSpec, *, python: str = sys.executable, cpu: Optional[bool] = None,
-                 ssh_config: Optional[PathLike] = None, kill_grace: float = DEFAULT_KILL_GRACE,
+                 ssh_config: Optional[PathLike] = None, kill_grace: Optional[float] = None,
                  local_env: Optional[Mapping[str, str]] = None):
-        self.cluster, self.python, self.cpu, self.ssh_config = cluster, python, cpu, ssh_config
-        self.kill_grace = kill_grace
-        self.local_env = os.environ if local_env is None else local_env
+        from cpt_tui.backends.accelerate import guard_grace
 
-    def preflight(self, timeout: float = 10) -> None:
-        """Nothing to check by default."""
+        self.cluster, self.python, self.cpu, self.ssh_config = cluster, python, cpu, ssh_config
+        # The guard's grace covers torchrun's (cluster.stop_grace, TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
+        self.kill_grace = guard_grace(cluster.stop_grace) if kill_grace is None else kill_grace
+        self.local_env = os.environ if local_env is None else local_env
+        self.reports: dict[str, dict] = {}  # node name -> its preflight probe (engine/doctor.py)
+
+    def preflight(self, timeout: float = 10, stages: Sequence[StageSpec] = ()) -> None:
+        """Nothing to check by default. `stages`: those about to run (their precisions decide
+        whether a node without CUDA is an error)."""
+
+    def probe(self, timeout: float = 60) -> dict[str, dict]:
+        """Node name → `python -m engine.doctor --json` run there (`cpt-tui doctor`). Raises LaunchError."""
+        raise LaunchError(f"{self.kind}: probing nodes is not supported")
 
     @abstractmethod
     def commands(self, stage: StageSpec, stage_json: str, run_dir: str, *, write_configs: bool = True,
@@ -184,14 +193,15 @@ def backend_for(cluster: ClusterSpec, **kw) -> Backend:
 
 def build_commands(cluster: ClusterSpec, stage: StageSpec, stage_json: str, run_dir: str, *,
                    python: str = sys.executable, cpu: Optional[bool] = None, module: str = "engine.train",
-                   ssh_config: Optional[PathLike] = None, kill_grace: float = DEFAULT_KILL_GRACE,
+                   ssh_config: Optional[PathLike] = None, kill_grace: Optional[float] = None,
                    local_env: Optional[Mapping[str, str]] = None,
                    main_process_port: Optional[int] = None, write_configs: bool = True) -> list[NodeCommand]:
     """The commands that run `module <stage_json>` under accelerate for `stage` on `cluster`.
 
     Local: one command (`python` here). SSH: one per node, rank i = nodes[i]; the main process is
-    nodes[0] at its `address` (or host). `cpu` (default: no /dev/nvidia0 here) only affects the
-    single-process flags and DeepSpeed pinned memory. With `zero_stage > 0` a DeepSpeed config is
+    nodes[0] at its `address` (or host). `cpu` (default: `cluster.device: cpu`) only affects the
+    single-process `--cpu` flag and DeepSpeed pinned memory; otherwise the device is decided by the
+    trainer on its node (never from this machine's devices). With `zero_stage > 0` a DeepSpeed config is
     written to `run_dir` and passed by path; `stage_json` and `run_dir` are used as given on every
     node (a shared filesystem, or paths relative to each node's workdir that the manager synced).
     `write_configs=False` (dry runs: `cpt-tui plan --commands`) writes nothing, only names the path.
@@ -211,9 +221,12 @@ def build_telemetry_commands(cluster: ClusterSpec, *, interval: float = 2.0, pyt
 
 
 def preflight(cluster: ClusterSpec, *, ssh_config: Optional[PathLike] = None, timeout: float = 10,
-              local_env: Optional[Mapping[str, str]] = None) -> None:
-    """Check every node (see Backend.preflight); raises `LaunchError`. Local clusters: nothing to check."""
-    backend_for(cluster, ssh_config=ssh_config, local_env=local_env).preflight(timeout)
+              local_env: Optional[Mapping[str, str]] = None, stages: Sequence[StageSpec] = (),
+              python: str = sys.executable) -> dict[str, dict]:
+    """Check every node (see Backend.preflight); raises `LaunchError`. Returns the nodes' probes."""
+    b = backend_for(cluster, ssh_config=ssh_config, local_env=local_env, python=python)
+    b.preflight(timeout, stages=stages)
+    return b.reports
 
 
 def format_commands(cmds: Sequence[NodeCommand]) -> str:

@@ -4,7 +4,8 @@ a ZeRO stage (written to the run directory, passed by path)."""
 from __future__ import annotations
 
 import json
-import os
+import math
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -15,8 +16,31 @@ from engine.spec import MIXED_PRECISION, StageSpec
 LAUNCH_MODULE = "accelerate.commands.launch"
 
 
-def default_cpu() -> bool:
-    return not os.path.exists("/dev/nvidia0")
+def forced_cpu(device: str) -> bool:
+    """Whether the launcher itself says CPU (`--cpu` for one process, no pinned memory): only with
+    `cluster.device: cpu`. Otherwise the trainer decides on its node (torch.cuda.is_available()):
+    the manager's own devices (a GPU-less laptop managing GPU nodes) say nothing about a node's."""
+    return device == "cpu"
+
+
+def stop_env(stop_grace: float) -> dict[str, str]:
+    """What makes torchrun's elastic agent wait `stop_grace` seconds between forwarding SIGTERM to
+    its workers and SIGKILLing them (its default is 30 s; torch/distributed/launcher/api.py reads
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT when --shutdown_timeout is not given, and accelerate never gives it)."""
+    return {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(math.ceil(stop_grace)))}
+
+
+def guard_grace(stop_grace: float) -> float:
+    """The node guard's SIGTERM → SIGKILL grace: after torchrun's, so that torchrun ends its workers first."""
+    return float(stop_grace) + 15.0
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (bound to port 0, then released): the main process port
+    of one local stage attempt, so two local runs on one box never share a rendezvous port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def deepspeed_config(stage: StageSpec, world_size: int, *, cpu: bool = False) -> dict:

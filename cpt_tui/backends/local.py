@@ -14,12 +14,18 @@ import subprocess
 from dataclasses import replace
 from typing import Optional, Sequence
 
-from cpt_tui.backends import Backend, NodeCommand, format_commands
-from cpt_tui.backends.accelerate import LAUNCH_MODULE, default_cpu, launch_args, stage_deepspeed
+import json
+import os
+
+from cpt_tui.backends import Backend, LaunchError, NodeCommand, format_commands
+from cpt_tui.backends.accelerate import (LAUNCH_MODULE, forced_cpu, free_port, launch_args, stage_deepspeed,
+                                         stop_env)
 from cpt_tui.backends.shell import check_env
 from cpt_tui.procs import GUARD_PLACEHOLDER, Proc, engine_env, guarded, start_kept
 from cpt_tui.redact import redact
+from engine.gpus import problems
 from engine.layout import StageLayout
+from engine.plan import PlanError, processes_per_node
 from engine.spec import StageSpec
 
 
@@ -33,16 +39,54 @@ class LocalBackend(Backend):
 
     def commands(self, stage: StageSpec, stage_json: str, run_dir: str, *, write_configs: bool = True,
                  module: str = "engine.train", main_process_port: Optional[int] = None) -> list[NodeCommand]:
-        cpu = default_cpu() if self.cpu is None else self.cpu
-        total = self.cluster.processes_per_node
+        cpu = forced_cpu(self.cluster.device) if self.cpu is None else self.cpu
+        try:
+            total = processes_per_node(self.cluster)  # `auto`: this machine's GPUs (engine/doctor.py)
+        except PlanError as e:
+            raise LaunchError(str(e)) from None
         ds_path = stage_deepspeed(stage, total, run_dir, cpu=cpu, write=write_configs)
-        env = check_env(self.cluster.env, "cluster.env")
+        env = {**stop_env(self.cluster.stop_grace), **check_env(self.cluster.env, "cluster.env")}
+        # A free port per stage attempt (commands() is called per attempt) unless the preset fixes one
+        port = main_process_port or self.cluster.main_process_port or free_port()
         inner = [self.python, "-m", LAUNCH_MODULE, *launch_args(
-            total=total, machines=1, rank=0, main_ip=None, port=main_process_port or self.cluster.main_process_port,
+            total=total, machines=1, rank=0, main_ip=None, port=port,
             stage=stage, ds_path=ds_path, cpu=cpu, module=module, stage_json=stage_json)]
         argv = guarded(self.python, self.kill_grace, inner)
         display = _with_env(env, [*argv[:2], GUARD_PLACEHOLDER, *argv[3:]])
         return [NodeCommand("local", argv, env, False, 0, inner, None, display)]
+
+    def probe(self, timeout: float = 60) -> dict[str, dict]:
+        """`python -m engine.doctor --json` on this machine, with the cluster's env (as the trainer)."""
+        env = {**os.environ, **engine_env(), **check_env(self.cluster.env, "cluster.env")}
+        try:
+            r = subprocess.run([self.python, "-m", "engine.doctor", "--json", "--device", self.cluster.device],
+                               capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise LaunchError(f"node local: the probe (python -m engine.doctor) timed out after {timeout:g} s") from None
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+        if r.returncode != 0 or not lines:
+            why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+            raise LaunchError(f"node local: the probe (python -m engine.doctor) failed: {why}")
+        self.reports = {"local": json.loads(lines[-1])}
+        return self.reports
+
+    def preflight(self, timeout: float = 10, stages=()) -> None:
+        """Probe this machine (engine/doctor.py) when it matters: `device: cuda`, or a bf16/fp16
+        stage with `device: auto`. A machine without CUDA then fails (LaunchError, exit 2) unless
+        `cluster.device: cpu`; with `processes_per_node: auto`, torch must see the GPUs NVML counted."""
+        precisions = {st.precision for st in stages}
+        dev = self.cluster.device
+        if dev == "cpu" or (dev == "auto" and not precisions & {"bf16", "fp16"}):
+            return
+        rep = self.probe(max(timeout, 60))["local"]
+        bad = problems(rep, dev, precisions)
+        if not bad and self.cluster.processes_per_node == "auto" and rep["device"] == "cuda":
+            want = processes_per_node(self.cluster)
+            if rep["cuda_device_count"] < want:
+                bad.append(f"processes_per_node auto: NVML counts {want} GPU(s) but torch sees "
+                           f"{rep['cuda_device_count']}; set processes_per_node")
+        if bad:
+            raise LaunchError("\n".join(f"node local: {b}" for b in bad))
 
     def describe(self, cmds: Sequence[NodeCommand], *, started: bool = False) -> str:
         if not started:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from cpt_tui.backends import Backend, LaunchError, NodeCommand
-from cpt_tui.backends.accelerate import LAUNCH_MODULE, default_cpu, launch_args, stage_deepspeed
+from cpt_tui.backends.accelerate import LAUNCH_MODULE, forced_cpu, launch_args, stage_deepspeed
 from cpt_tui.backends.shell import check_env
 from cpt_tui.procs import LOST, Proc, start as start_guarded
 from cpt_tui.redact import redact
@@ -246,7 +246,7 @@ class SlurmBackend(Backend):
     def commands(self, stage: StageSpec, stage_json: str, run_dir: str, *, write_configs: bool = True,
                  module: str = "engine.train", main_process_port: Optional[int] = None) -> list[NodeCommand]:
         spec, cluster = self.spec, self.cluster
-        cpu = default_cpu() if self.cpu is None else self.cpu
+        cpu = forced_cpu(self.cluster.device) if self.cpu is None else self.cpu
         if "=" in spec.python:
             raise LaunchError(f"slurm.python {spec.python!r}: the path must not contain '='")
         machines, total = spec.nodes, spec.nodes * cluster.processes_per_node

@@ -20,7 +20,7 @@ from engine.errors import UserError
 COMMANDS = {
     "run": "runs:cmd_run", "attach": "runs:cmd_attach", "stop": "runs:cmd_stop", "resume": "runs:cmd_resume",
     "logs": "runs:cmd_logs", "runs": "runs:cmd_runs", "show": "runs:cmd_show", "ui": "runs:cmd_ui",
-    "plan": "plan:cmd_plan", "prep": "prep:cmd_prep", "vocab": "vocab:cmd_vocab",
+    "plan": "plan:cmd_plan", "prep": "prep:cmd_prep", "vocab": "vocab:cmd_vocab", "doctor": "doctor:cmd_doctor",
     "eval": "evaluate:cmd_eval",
 }
 
@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset")
     p.add_argument("--json", action="store_true")
     p.add_argument("--commands", action="store_true", help="also print the exact launch commands (dry run)")
+    p = sub.add_parser("doctor", help="per node: GPUs seen by torch and NVML, CUDA/NCCL, driver, memory, the "
+                       "device the trainer will use (README: GPU readiness)")
+    p.add_argument("preset", nargs="?", help="a preset whose cluster to probe (default: this machine)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=60, help="seconds per node (default 60)")
     p = sub.add_parser("prep", help="prepare a preset's data (tokenize, pack, shards) with a progress bar")
     p.add_argument("preset")
     p.add_argument("--workers", type=int, metavar="N", help="tokenizer processes (default: one per core)")
