@@ -205,8 +205,11 @@ def stage_dir(run_dir: str | Path, stage: StageSpec) -> Path:
     return RunLayout(run_dir).stage(stage.name).root
 
 
-def stage_config(preset: Preset, index: int, run_dir: str | Path, prepared: dict) -> dict:
-    """The JSON a trainer process reads (contract version STAGE_JSON_VERSION)."""
+def stage_config(preset: Preset, index: int, run_dir: str | Path, prepared: dict,
+                 init_from: Optional[dict] = None) -> dict:
+    """The JSON a trainer process reads (contract version STAGE_JSON_VERSION).
+    `init_from` (`--from-stage`, for the run's first stage): {"dir": final model / HF directory,
+    "checkpoint": a checkpoint or None}: what the stages this run skips would have left."""
     st = preset.stages[index]
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
@@ -217,16 +220,24 @@ def stage_config(preset: Preset, index: int, run_dir: str | Path, prepared: dict
 
     previous_final = str(layout.stage(preset.stages[index - 1].name).final) if index else None
     resume_from = None
-    if st.start == "previous":
+    skipped = names[:index]
+    if init_from and (st.start == "previous" or st.from_ in skipped):  # --from-stage: the earlier run's model
+        previous_final = init_from["dir"]
+    if init_from and st.start == "resume" and st.from_ in skipped:
+        if not init_from.get("checkpoint"):
+            raise PlanError(f"stages[{index}].from", f"start: resume from {st.from_!r}: --init-from gave no "
+                            "checkpoint to resume from (give RUN:STAGE of a run whose stage left one)")
+        resume_from, model_dir = init_from["checkpoint"], previous_final
+    elif st.start == "previous":
         model_dir = previous_final or prepared["model_dir"]
     elif st.start == "init_from":
-        model_dir = final_of(st.from_)
+        model_dir = previous_final if init_from and st.from_ in skipped else final_of(st.from_)
     else:  # resume: weights and (per the flags) optimizer / scheduler state from a checkpoint
         if st.from_ in names:
             ck = layout.stage(st.from_).latest_checkpoint()  # complete ones only (trainer_state.json)
             if ck is None:
                 raise PlanError(f"stages[{index}].from", f"stage {st.from_!r} left no checkpoint to resume from; "
-                                "set its checkpoint.every_steps")
+                                "did it crash before its first checkpoint, or have `checkpoint: off`?")
             resume_from = str(ck)
         else:
             resume_from = expand_path(st.from_)

@@ -601,7 +601,8 @@ def load_yaml(text: str, file: str | Path = "<preset>") -> tuple[Any, Optional[y
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else None
-        raise PresetError(file, [("", line, f"not valid YAML: {getattr(e, 'problem', None) or e}; fix the syntax")]) from None
+        what = ", ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise PresetError(file, [("", line, f"not valid YAML: {what}; fix the syntax")]) from None
     except RecursionError:
         raise PresetError(file, [("", None, "not valid YAML: nested too deeply")]) from None
     finally:
