@@ -219,7 +219,7 @@ def stage_trainable(preset: Preset, index: int, prepared_old_vocab: Optional[int
         return {"total": total, "trainable": n, "share": n / total, "exact": exact,
                 "phases": [{"steps": None, "what": _describe(on, sh), "trainable": n}]}
     adapters, targeted, saved = _lora(a, sh, st)
-    lora_total = total + adapters + saved
+    lora_total = total + adapters  # a module trained in full replaces its frozen original
     after = adapters + saved
     what = (f"LoRA r={st.lora.r} adapters on {', '.join(targeted) or 'no module'}"
             + (f" + {', '.join(st.lora.modules_to_save)} in full" if st.lora.modules_to_save else "")
