@@ -52,3 +52,25 @@ def test_from_stage_equals_the_uninterrupted_run(demo_run):
     assert lin["from_stage"] == "cpt-code" and lin["init_from"]["run"] == first
     assert lin["init_from"]["stage"] == "base" and lin["init_from"]["stages"] == ["base"]
     assert lin["init_from"]["tokens_before"] > 0
+
+
+def test_from_stage_on_a_tiny_preset_equals_the_uninterrupted_run(cpt_home, tmp_path):
+    """The same on the supervisor tests' tiny model (seconds, not minutes), from a directory too."""
+    from tests.demo_run import tiny_preset
+    from tests.test_supervisor import run_row, start, wait_done
+
+    env = cpt_home
+    preset = tiny_preset(tmp_path / "p.yaml", [("a", 12), ("b", 12)], every=6, name="tiny-from")
+    first = start(env, preset, "--telemetry-interval", "0")
+    assert wait_done(env, first)["status"] == "done"
+    db = env["CPT_TUI_DB"]
+    second = start(env, preset, "--from-stage", "b", "--init-from", f"{first}:a", "--telemetry-interval", "0")
+    assert wait_done(env, second)["status"] == "done"
+    want = _losses(db, first, "b")
+    assert len(want) == 12 and _losses(db, second, "b") == want and _losses(db, second, "a") == []
+    final_a = f"{run_row(env, first)['run_dir']}/stages/a/final"
+    third = start(env, preset, "--from-stage", "b", "--init-from", final_a, "--telemetry-interval", "0")
+    assert wait_done(env, third)["status"] == "done"
+    assert _losses(db, third, "b") == want
+    show = json.loads(run_cli(["show", third, "--json"], env).stdout)
+    assert show["lineage"] == {"from_stage": "b", "init_from": {"dir": final_a}}
