@@ -14,6 +14,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 from engine.spec import Preset, StageSpec, TrainableSpec
@@ -50,7 +51,9 @@ def arch_from_hf(conf: dict) -> Optional[Arch]:
                 qkv_bias=bias or qwen, o_bias=bias, mlp_bias=bool(conf.get("mlp_bias", False)))
 
 
+@lru_cache(maxsize=64)
 def _hf_config(ref: str) -> Optional[dict]:
+    """config.json of a local model directory or a cached hub model (never downloaded); read once."""
     from engine.data.sources import DataError, expand_path
 
     try:
