@@ -62,15 +62,15 @@ def test_from_stage_on_a_tiny_preset_equals_the_uninterrupted_run(cpt_home, tmp_
     env = cpt_home
     preset = tiny_preset(tmp_path / "p.yaml", [("a", 12), ("b", 12)], every=6, name="tiny-from")
     first = start(env, preset, "--telemetry-interval", "0")
-    assert wait_done(env, first)["status"] == "done"
+    assert wait_done(env, first, 900)["status"] == "done"
     db = env["CPT_TUI_DB"]
     second = start(env, preset, "--from-stage", "b", "--init-from", f"{first}:a", "--telemetry-interval", "0")
-    assert wait_done(env, second)["status"] == "done"
+    assert wait_done(env, second, 900)["status"] == "done"
     want = _losses(db, first, "b")
     assert len(want) == 12 and _losses(db, second, "b") == want and _losses(db, second, "a") == []
     final_a = f"{run_row(env, first)['run_dir']}/stages/a/final"
     third = start(env, preset, "--from-stage", "b", "--init-from", final_a, "--telemetry-interval", "0")
-    assert wait_done(env, third)["status"] == "done"
+    assert wait_done(env, third, 900)["status"] == "done"
     assert _losses(db, third, "b") == want
     show = json.loads(run_cli(["show", third, "--json"], env).stdout)
     assert show["lineage"] == {"from_stage": "b", "init_from": {"dir": final_a}}
