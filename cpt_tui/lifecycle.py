@@ -59,7 +59,80 @@ def create_run(store: Store, preset_path: Path, preset: Preset, plan: dict, opti
     shutil.copyfile(preset_path, RunLayout(run_dir).preset)
     store.create_run(run_id, preset.name, str(preset_path), str(run_dir), plan, socket.gethostname())
     store.update_run(run_id, options=json.dumps(options))
+    for i in range(options.get("from_stage") or 0):  # --from-stage: the stages before it do not run here
+        store.update_stage(run_id, i, status="skipped")
     return run_id
+
+
+def resolve_from_stage(db_path: str | Path, preset_path: Path, preset: Preset, from_stage: Optional[str],
+                       init_from: Optional[str]) -> dict:
+    """`--from-stage NAME [--init-from RUN[:STAGE]|DIR]` → run options (from_stage index, init_dir and the
+    lineage recorded with the run). Raises Invalid naming what is wrong; nothing is created."""
+    if from_stage is None:
+        if init_from is not None:
+            raise Invalid("--init-from needs --from-stage NAME (the stage that starts from it)")
+        return {}
+    names = [s.name for s in preset.stages]
+    if from_stage not in names:
+        raise Invalid(f"--from-stage {from_stage}: {preset_path} has no such stage (stages: {', '.join(names)})")
+    idx = names.index(from_stage)
+    st = preset.stages[idx]
+    skipped = names[:idx]
+    for j in range(idx + 1, len(names)):
+        later = preset.stages[j]
+        if later.from_ in skipped and later.start != "previous":
+            raise Invalid(f"{preset_path}: stages[{j}].from: stage {later.name!r} starts from {later.from_!r}, "
+                          f"which --from-stage {from_stage} skips")
+    needs = idx > 0 and (st.start == "previous" or st.from_ in skipped)
+    if init_from is None:
+        if needs:
+            raise Invalid(f"--from-stage {from_stage}: its start ({st.start}"
+                          f"{' ' + st.from_ if st.from_ else ''}) is a stage this run skips: give --init-from "
+                          "RUN[:STAGE] (a finished stage of an earlier run) or --init-from DIR (a model directory)")
+        return {"from_stage": idx, "lineage": {"from_stage": from_stage, "init_from": None}}
+    lineage: dict = {"from_stage": from_stage}
+    ref = init_from
+    run_ref, _, stage_ref = ref.partition(":")
+    path = Path(os.path.expanduser(ref))
+    init: dict
+    if path.is_dir():
+        if not (path / "config.json").exists() and not (path / "trainer_state.json").exists():
+            raise Invalid(f"--init-from {ref}: a directory, but neither a model (config.json) nor a checkpoint "
+                          "(trainer_state.json)")
+        ck = str(path.resolve()) if (path / "trainer_state.json").exists() else None
+        init = {"dir": str(path.resolve()), "checkpoint": ck}
+        lineage["init_from"] = {"dir": init["dir"]}
+    else:
+        store = Store(db_path, readonly=True) if Path(db_path).exists() else None
+        row = store.run(run_ref) if store else None
+        if row is None:
+            if store:
+                store.close()
+            raise Invalid(f"--init-from {ref}: neither an existing directory nor a run in {db_path} "
+                          "(see `cpt-tui runs`)")
+        try:
+            stages = {s["name"]: s for s in store.stages(row["id"])}
+        finally:
+            store.close()
+        stage_ref = stage_ref or (names[idx - 1] if idx else "")
+        if stage_ref not in stages:
+            raise Invalid(f"--init-from {ref}: run {row['id']} has no stage {stage_ref!r} "
+                          f"(its stages: {', '.join(stages)}); give RUN:STAGE")
+        if stages[stage_ref]["status"] != "done":
+            raise Invalid(f"--init-from {ref}: stage {stage_ref!r} of run {row['id']} is {stages[stage_ref]['status']}, "
+                          "not done: its final model does not exist")
+        sl = RunLayout(row["run_dir"]).stage(stage_ref)
+        if not sl.final.is_dir():
+            raise Invalid(f"--init-from {ref}: {sl.final} is missing")
+        ck = sl.latest_checkpoint()
+        init = {"dir": str(sl.final), "checkpoint": str(ck) if ck else None}
+        # the earlier run's tokens before this one (a tokens-seen axis across runs)
+        tokens = sum(s["tokens"] or 0 for n, s in stages.items()
+                     if s["idx"] <= stages[stage_ref]["idx"] and s["status"] == "done")
+        lineage["init_from"] = {"run": row["id"], "stage": stage_ref, "dir": init["dir"],
+                                "stages": [n for n, s in stages.items() if s["idx"] <= stages[stage_ref]["idx"]
+                                           and s["status"] == "done"], "tokens_before": tokens}
+    return {"from_stage": idx, "init_dir": init, "lineage": lineage}
 
 
 def spawn(run_id: str, db_path: str | Path, timeout: float = 120) -> int:
@@ -83,15 +156,18 @@ def spawn(run_id: str, db_path: str | Path, timeout: float = 120) -> int:
         store.close()
 
 
-def start_detached(preset_path: str | Path, db_path: str | Path, **options) -> str:
+def start_detached(preset_path: str | Path, db_path: str | Path, from_stage: Optional[str] = None,
+                   init_from: Optional[str] = None, **options) -> str:
     """Validate a preset (name or path), check every node, create the run and start its detached
     supervisor. Returns the run id. Raises `cpt_tui.presets.Invalid` (nothing created) for an invalid
     preset, a missing input path, or a node that fails preflight (the message names the node).
-    `options`: see DEFAULTS (max_restarts, backoff, telemetry_interval, ...)."""
+    `options`: see DEFAULTS (max_restarts, backoff, telemetry_interval, ...). `from_stage` / `init_from`:
+    run the plan from that stage, started from a finished stage of an earlier run or a directory."""
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise TypeError(f"unknown options: {sorted(unknown)}")
     path, preset, plan = load_checked(str(preset_path), check_paths=True)
+    lineage = resolve_from_stage(db_path, Path(path), preset, from_stage, init_from)
     try:
         backend = backend_for(preset.cluster)
         backend.preflight(stages=preset.stages)
@@ -100,7 +176,7 @@ def start_detached(preset_path: str | Path, db_path: str | Path, **options) -> s
         raise Invalid(f"{path}: cluster: {e}") from None
     store = Store(db_path)
     try:
-        opts = {**DEFAULTS, **options, "cache": str(cache_dir().resolve()), "cwd": os.getcwd()}
+        opts = {**DEFAULTS, **options, **lineage, "cache": str(cache_dir().resolve()), "cwd": os.getcwd()}
         run_id = create_run(store, Path(path).resolve(), preset, plan, opts)
         try:
             spawn(run_id, db_path)

@@ -85,6 +85,14 @@ MIGRATIONS: list[list[str]] = [
     [  # 5: a scheduler's view of a stage's job (Slurm: {"job", "state", "reason", "nodes"} as JSON)
         "ALTER TABLE stages ADD COLUMN scheduler TEXT",
     ],
+    [  # 6: the attempt (launch) of a stage each metric / eval row comes from, and where each attempt
+       # resumed: steps redone after a restart are stored again (history) but read once (the latest).
+        "ALTER TABLE metrics ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE eval ADD COLUMN attempt INTEGER NOT NULL DEFAULT 1",
+        """CREATE TABLE IF NOT EXISTS attempts (
+            run_id TEXT NOT NULL, stage TEXT NOT NULL, attempt INTEGER NOT NULL, start_step INTEGER NOT NULL,
+            ts REAL, PRIMARY KEY (run_id, stage, attempt))""",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 TERMINAL = ("done", "failed", "stopped")  # run / stage states after which nothing runs
@@ -207,6 +215,7 @@ class MetricRow(_AtStep):
     lr: Optional[float] = None
     grad_norm: Optional[float] = None
     tokens_per_s: Optional[float] = None
+    attempt: int = 1  # the stage's launch this row comes from (not in MetricRecord: ingest adds it)
     extra: dict = field(default_factory=dict, repr=False)
 
 
@@ -214,6 +223,7 @@ class MetricRow(_AtStep):
 class EvalRow(_AtStep):
     domain: Optional[str] = None
     loss: Optional[float] = None
+    attempt: int = 1
     extra: dict = field(default_factory=dict, repr=False)
 
 
@@ -248,7 +258,8 @@ class EventRow(_Keyed):
 def _record(row: type, name: str, **types) -> type:
     """The insert record of a row type: a named tuple of its columns in column order (`types`
     overrides some), which executemany takes as it is (no per-row conversion)."""
-    return NamedTuple(name, [(f.name, types.get(f.name, f.type)) for f in fields(row) if f.name != "extra"])
+    return NamedTuple(name, [(f.name, types.get(f.name, f.type)) for f in fields(row)
+                             if f.name not in ("extra", "attempt")])
 
 
 # What ingest (and the sample databases) insert.
@@ -350,17 +361,28 @@ class Store:
     def stages(self, run_id: str) -> list[StageRow]:
         return [StageRow.of(r) for r in self.db.query("SELECT * FROM stages WHERE run_id = ? ORDER BY idx", [run_id])]
 
-    def metrics(self, run_id: str, stage: Optional[str] = None) -> list[MetricRow]:
-        q, args = "SELECT * FROM metrics WHERE run_id = ?", [run_id]
+    def metrics(self, run_id: str, stage: Optional[str] = None, history: bool = False) -> list[MetricRow]:
+        """Each step once: a step redone after a restart comes from the latest attempt. `history`:
+        every row of every attempt (`attempt` says which)."""
+        q, args = "SELECT * FROM metrics m WHERE run_id = ?", [run_id]
         if stage:
             q, args = q + " AND stage = ?", args + [stage]
+        if not history:
+            q += " AND " + _LATEST.format(t="m")
         return [MetricRow.of(r) for r in self.db.query(q + " ORDER BY ts, seq", args)]
 
-    def evals(self, run_id: str, stage: Optional[str] = None) -> list[EvalRow]:
-        q, args = "SELECT * FROM eval WHERE run_id = ?", [run_id]
+    def evals(self, run_id: str, stage: Optional[str] = None, history: bool = False) -> list[EvalRow]:
+        q, args = "SELECT * FROM eval m WHERE run_id = ?", [run_id]
         if stage:
             q, args = q + " AND stage = ?", args + [stage]
+        if not history:
+            q += " AND " + _LATEST.format(t="m")
         return [EvalRow.of(r) for r in self.db.query(q + " ORDER BY ts, seq", args)]
+
+    def attempts(self, run_id: str) -> list[dict]:
+        """(stage, attempt, start_step, ts) of every launch whose trainer began training."""
+        return list(self.db.query("SELECT stage, attempt, start_step, ts FROM attempts WHERE run_id = ? "
+                                  "ORDER BY ts", [run_id]))
 
     def events(self, run_id: str, limit: int = 1000, skip_types: tuple[str, ...] = ()) -> list[EventRow]:
         """The latest `limit` events (optionally without some types, e.g. per-step metrics), oldest
@@ -395,14 +417,15 @@ class Store:
 
     # ------------------------------------------------------------------ ingest
     def ingest(self, run_id: str, records: Iterable[dict], *, stage_idx: Optional[int] = None,
-               offset: Optional[int] = None, raw: Optional[list] = None) -> int:
+               offset: Optional[int] = None, raw: Optional[list] = None, attempt: int = 1) -> int:
         """Insert event records (idempotent). Returns how many were new.
 
         With `stage_idx` and `offset`: also store the byte offset reached in that stage's events.jsonl
         and its latest step / tokens, in the same transaction (a crash never loses or skips a record).
         `raw`: the records' JSON lines as read; SQLite strips their key fields (json_remove, in C), which
-        is cheaper than re-encoding every record in Python."""
-        ev, met, evl = [], [], []
+        is cheaper than re-encoding every record in Python. `attempt`: the stage's launch that wrote
+        the records (the supervisor counts them); a trainer's `running` status records where it resumed."""
+        ev, met, evl, att = [], [], [], []
         dumps = json.dumps
         for i, r in enumerate(records):
             run, stage, seq, ts, typ = run_id, r["stage"], r["seq"], r["ts"], r["type"]
@@ -417,6 +440,8 @@ class Store:
             elif typ == "eval":
                 g = r.get
                 evl.append((run, stage, seq, ts, g("step"), g("tokens"), g("domain"), g("loss")))
+            elif typ == "status" and r.get("state") == "running":
+                att.append((run, stage, int(attempt), int(r.get("step") or 0), ts))
         if not ev and offset is None:
             return 0
         c = self.db.conn
@@ -425,7 +450,9 @@ class Store:
             before = c.total_changes
             c.executemany(_INSERT_RAW_EVENT if raw is not None else _INSERT_EVENT, ev)
             new = c.total_changes - before
-            self._insert_metrics(met, evl)
+            self._insert_metrics(met, evl, int(attempt))
+            if att:
+                c.executemany("INSERT OR IGNORE INTO attempts VALUES (?,?,?,?,?)", att)
             if stage_idx is not None and offset is not None:
                 sets, args = "events_offset = ?", [offset]
                 if met:
@@ -434,11 +461,11 @@ class Store:
                 c.execute(f"UPDATE stages SET {sets} WHERE run_id = ? AND idx = ?", [*args, run_id, stage_idx])
         return new
 
-    def _insert_metrics(self, met: list[MetricRecord], evl: Iterable[EvalRecord]) -> None:
-        """Inside a transaction: metric and eval rows (idempotent), and the run's latest metric."""
+    def _insert_metrics(self, met: list[MetricRecord], evl: Iterable[EvalRecord], attempt: int = 1) -> None:
+        """Inside a transaction: metric and eval rows (idempotent, of one attempt), and the run's latest metric."""
         c = self.db.conn
-        c.executemany(_INSERT_METRIC, met)
-        c.executemany(_INSERT_EVAL, evl)
+        c.executemany(_INSERT_METRIC if attempt == 1 else _insert("metrics", MetricRecord, extra=("attempt", attempt)), met)
+        c.executemany(_INSERT_EVAL if attempt == 1 else _insert("eval", EvalRecord, extra=("attempt", attempt)), evl)
         if met:
             last = MetricRecord._make(max(met, key=_BY_TS))
             c.execute("""INSERT INTO latest_metrics VALUES (?,?,?,?,?,?,?,?,?)
@@ -567,7 +594,8 @@ class Store:
 
     def metric_extent(self, run_id: str, stage: str) -> Optional[dict]:
         """First and last logged step of a stage, and the tokens at the last one (index seeks only)."""
-        q = "SELECT step, tokens FROM metrics WHERE run_id = ? AND stage = ? ORDER BY step {} LIMIT 1"
+        q = ("SELECT step, tokens FROM metrics m WHERE run_id = ? AND stage = ? AND " + _LATEST.format(t="m")
+             + " ORDER BY step {} LIMIT 1")
         first = self.db.execute(q.format("ASC"), [run_id, stage]).fetchone()
         if first is None:
             return None
@@ -584,8 +612,11 @@ class Store:
             WITH RECURSIVE b(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM b WHERE i + 1 < :n)
             SELECT b.i, AVG(m.step), AVG(m.tokens), AVG(m.loss), AVG(m.lr), AVG(m.tokens_per_s), COUNT(*)
             FROM b JOIN metrics m ON m.rowid IN (
-                SELECT rowid FROM metrics WHERE run_id = :run AND stage = :stage
-                AND step >= :lo + b.i * :w AND step < :lo + (b.i + 1) * :w ORDER BY step LIMIT :k)
+                SELECT rowid FROM metrics x WHERE run_id = :run AND stage = :stage
+                AND step >= :lo + b.i * :w AND step < :lo + (b.i + 1) * :w AND NOT EXISTS (
+                    SELECT 1 FROM attempts a WHERE a.run_id = x.run_id AND a.stage = x.stage
+                    AND a.attempt > x.attempt AND a.start_step < x.step)
+                ORDER BY step LIMIT :k)
             GROUP BY b.i ORDER BY b.i""",
             {"n": buckets, "run": run_id, "stage": stage, "lo": lo, "w": width, "k": per_bucket})]
 
@@ -593,7 +624,9 @@ class Store:
         """Validation loss per domain, averaged per step bucket."""
         width = max((hi - lo + 1) / max(buckets, 1), 1e-9)
         return [EvalBucket(*r) for r in self.db.execute("""
-            SELECT domain, AVG(step), AVG(tokens), AVG(loss) FROM eval WHERE run_id = ? AND stage = ?
+            SELECT domain, AVG(step), AVG(tokens), AVG(loss) FROM eval m WHERE run_id = ? AND stage = ?
+            AND NOT EXISTS (SELECT 1 FROM attempts a WHERE a.run_id = m.run_id AND a.stage = m.stage
+                            AND a.attempt > m.attempt AND a.start_step < m.step)
             GROUP BY domain, CAST((step - ?) / ? AS INTEGER) ORDER BY domain, 2""",
             [run_id, stage, lo, width])]
 
@@ -637,14 +670,25 @@ class Store:
         """Runs whose status says something should be running ('running', 'queued')."""
         return list(self.db.query("SELECT * FROM runs WHERE status IN ('running', 'queued')"))
 
-RUN_TABLES = ("metrics", "eval", "events", "stages", "telemetry", "latest_metrics", "benchmarks")  # keyed on run_id
+RUN_TABLES = ("metrics", "eval", "events", "stages", "telemetry", "latest_metrics", "benchmarks",
+              "attempts")  # keyed on run_id
 _KEY_FIELDS = frozenset(("v", "seq", "ts", "type", "stage"))  # columns of `events`, not part of its data
 
 
-def _insert(table: str, record: type, verb: str = "INSERT OR IGNORE", last: str = "?") -> str:
-    """An INSERT naming the record's columns (its tuples bind in that order); `last`: the last value."""
-    return (f"{verb} INTO {table} ({', '.join(record._fields)}) VALUES ("
-            + "?, " * (len(record._fields) - 1) + last + ")")
+def _insert(table: str, record: type, verb: str = "INSERT OR IGNORE", last: str = "?",
+            extra: Optional[tuple[str, int]] = None) -> str:
+    """An INSERT naming the record's columns (its tuples bind in that order); `last`: the last value;
+    `extra`: one more column with a constant integer value."""
+    cols, more = ", ".join(record._fields), ""
+    if extra:
+        cols, more = cols + ", " + extra[0], f", {int(extra[1])}"
+    return f"{verb} INTO {table} ({cols}) VALUES (" + "?, " * (len(record._fields) - 1) + last + more + ")"
+
+
+# A metric / eval row (alias {t}) that no later attempt of its stage has redone: a later attempt that
+# resumed at step s redoes every step after s.
+_LATEST = ("NOT EXISTS (SELECT 1 FROM attempts a WHERE a.run_id = {t}.run_id AND a.stage = {t}.stage "
+           "AND a.attempt > {t}.attempt AND a.start_step < {t}.step)")
 
 
 _INSERT_METRIC = _insert("metrics", MetricRecord)

@@ -82,6 +82,7 @@ class Supervisor:
         self.backend: Optional[Backend] = None  # built in run(), with the starter's environment
         self.telemetry: Optional[Telemetry] = None
         self._beat = self._downsampled = 0.0
+        self.attempt = 1  # the running stage's launch number (stages.attempts): metric rows carry it
 
     # ------------------------------------------------------------------ bookkeeping
     def log(self, msg: str) -> None:
@@ -128,7 +129,8 @@ class Supervisor:
         recs, raw, new = read_lines(events, offset)
         if recs or new != offset:
             self.store.ingest(self.run_id, recs, raw=raw, stage_idx=stage_idx,
-                              offset=new if stage_idx is not None else None)
+                              offset=new if stage_idx is not None else None,
+                              attempt=self.attempt if stage_idx is not None else 1)
         return new
 
     def _follow(self, procs: list[Proc], events: Path, stage_idx: Optional[int], offset: int) -> int:
@@ -200,7 +202,8 @@ class Supervisor:
         sl = self.layout.stage(st.name)
         sl.root.mkdir(parents=True, exist_ok=True)
         try:
-            cfg = stage_config(self.preset, idx, self.run_dir, prepared)
+            cfg = stage_config(self.preset, idx, self.run_dir, prepared, init_from=self.opts.get("init_dir")
+                               if idx == self.opts.get("from_stage") else None)
         except PlanError as e:
             raise RunFailed(str(e)) from None
         sl.config.write_text(json.dumps(cfg, indent=1))
@@ -240,7 +243,15 @@ class Supervisor:
         st = self.preset.stages[idx]
         sl = self.layout.stage(st.name)
         while True:
-            procs = self._adopt(idx) or self._launch(idx, prepared)
+            row = self.store.stages(self.run_id)[idx]
+            self.attempt = row["attempts"] or 1
+            procs = self._adopt(idx)
+            if not procs:  # what the previous attempt wrote after the stored offset is still its own
+                off = row["events_offset"] or 0
+                while (new := self._ingest(self.backend.events_path(sl), idx, off)) != off:
+                    off = new
+                procs = self._launch(idx, prepared)
+            self.attempt = self.store.stages(self.run_id)[idx]["attempts"] or 1
             ck0 = latest_checkpoint(sl.checkpoints)
             offset = self.store.stages(self.run_id)[idx]["events_offset"] or 0
             code = self._follow(procs, self.backend.events_path(sl), idx, offset)
@@ -294,7 +305,7 @@ class Supervisor:
         self.backend = backend_for(self.preset.cluster, local_env=starter_env(dict(os.environ)))
         if prev["status"] in ("failed", "stopped"):  # `cpt-tui resume`: try again from checkpoints
             for s in self.store.stages(self.run_id):
-                if s["status"] != "done":
+                if s["status"] not in ("done", "skipped"):
                     self.store.update_stage(self.run_id, s["idx"], status="pending", restarts=0)
         self.store.update_run(self.run_id, status="running", error=None, finished=None,
                               started=prev["started"] or time.time())
@@ -317,7 +328,7 @@ class Supervisor:
             if self.stop_requested:
                 raise Stopped("stopped during the benchmarks of the base model")
         for s in self.store.stages(self.run_id):
-            if s["status"] != "done":
+            if s["status"] not in ("done", "skipped"):  # skipped: before --from-stage
                 self._stage(s["idx"], prepared)
             if bench:
                 bench.after_stage(s["name"])  # never fails the stage: failed tasks are recorded as such

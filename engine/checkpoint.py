@@ -27,6 +27,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -156,6 +157,12 @@ class Checkpointer:
         self.dist, self.ev, self.ds = dist, ev, deepspeed
         self.model = self.unwrapped = self.optimizer = self.scaler = None
         self.hf_config = False
+        # Time cadence: the default (no cadence in the preset) can be shortened by the tests only.
+        test = os.environ.get("CPT_TEST_CHECKPOINT_MINUTES")
+        self.minutes = spec.minutes
+        if test and spec.every_minutes is None and self.minutes is not None:
+            self.minutes = float(test)
+        self._since = time.monotonic()  # training time since the last checkpoint (or the start)
 
     def bind(self, model, unwrapped, optimizer, scaler, hf_config: bool) -> None:
         """model: as wrapped (the DeepSpeed engine saves itself); unwrapped: the module whose
@@ -163,22 +170,36 @@ class Checkpointer:
         model's config.json."""
         self.model, self.unwrapped, self.optimizer, self.scaler = model, unwrapped, optimizer, scaler
         self.hf_config = hf_config
+        self._since = time.monotonic()  # the clock starts with training, not with the model's loading
 
     # ------------------------------------------------------------------ cadence
     @property
     def enabled(self) -> bool:
-        return bool(self.spec.every_steps or self.spec.every_tokens)
+        return self.spec.enabled and bool(self.spec.every_steps or self.spec.every_tokens or self.minutes)
 
     def due(self, step: int, tokens: int, total_steps: int) -> bool:
         """Whether the step just done (1-based `step`, `tokens` consumed so far) ends with a
         checkpoint: every `every_steps`, on crossing a multiple of `every_tokens`, and at the end
         of the stage if the stage checkpoints at all."""
         s = self.spec
+        if not s.enabled:
+            return False
         if s.every_steps and step % s.every_steps == 0:
             return True
         if s.every_tokens and tokens // s.every_tokens != (tokens - self.tokens_per_step) // s.every_tokens:
             return True
-        return self.enabled and step == total_steps
+        if step == total_steps:
+            return self.enabled
+        return bool(self.minutes) and self._time_due()
+
+    def _time_due(self) -> bool:
+        """Every `minutes` of training time. Rank 0's clock decides, summed over ranks (one scalar
+        all-reduce): every rank takes the same decision, so the collective save never deadlocks."""
+        due = self.dist.rank == 0 and time.monotonic() - self._since >= self.minutes * 60
+        if self.dist.on and self.dist.world > 1:
+            dev = next(self.unwrapped.parameters()).device if self.unwrapped is not None else "cpu"
+            due = self.dist.sum([1.0 if due else 0.0], dev)[0] > 0
+        return due
 
     # ------------------------------------------------------------------ finding
     def latest(self) -> Optional[Path]:
@@ -241,6 +262,7 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
             self.ev.emit("checkpoint", step=step, path=str(final), tokens=tokens)
         self.dist.barrier()
+        self._since = time.monotonic()
         return final
 
     # ------------------------------------------------------------------ reading

@@ -14,21 +14,14 @@ from engine.data.foreign import data_notes
 from engine.data.longdocs import stage_sources
 from engine.data.mixture import plan_mixture
 from engine.data.sources import DataError, expand_path
-from engine.errors import UserError
 from engine.layout import RunLayout
 from engine.memory import format_memory, plan_memory
+from engine.params import stage_trainable
+from engine.rules import PlanError, check_preset, grad_accum  # noqa: F401  (engine.plan.PlanError / grad_accum: API)
 from engine.schedule import warmup_steps  # noqa: F401  (engine.plan.warmup_steps: API)
 from engine.spec import Preset, StageSpec
 
 STAGE_JSON_VERSION = 1
-
-
-class PlanError(UserError, ValueError):
-    """An inconsistency in a valid-looking preset; `yaml_path` says where."""
-
-    def __init__(self, yaml_path: str, msg: str):
-        super().__init__(f"{yaml_path}: {msg}")
-        self.yaml_path, self.msg = yaml_path, msg
 
 
 def processes_per_node(cluster) -> int:
@@ -58,22 +51,14 @@ def world_size(preset: Preset) -> int:
     return sum(n.processes or processes_per_node(c) for n in c.nodes)
 
 
-def grad_accum(stage: StageSpec, world: int, where: str = "") -> int:
-    per_step = stage.micro_batch_size * world
-    if stage.global_batch_size % per_step:
-        raise PlanError(f"{where}global_batch_size",
-                        f"{stage.global_batch_size} is not a multiple of micro_batch_size × processes = "
-                        f"{stage.micro_batch_size} × {world}; change global_batch_size or micro_batch_size")
-    return stage.global_batch_size // per_step
-
-
 def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None, strict: bool = True,
-            long_docs: Optional[dict] = None) -> dict:
+            long_docs: Optional[dict] = None, old_vocab_size: Optional[int] = None) -> dict:
     """The plan as a JSON-able dict: per stage its steps, batch and tokens per source.
     `strict=False`: a stage with 0 steps is reported as a warning instead of raising (plan display).
     `long_docs`: engine.data.run.cached_long_docs / prepared.json's long_docs (shares per stage and source)."""
     train_tokens = train_tokens or {}
     world = world_size(preset)
+    check_preset(preset, world)  # engine/rules.py: what the trainer and the launcher would refuse
     stages = []
     for i, st in enumerate(preset.stages):
         mix = preset.mixture_of(st)
@@ -92,6 +77,9 @@ def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None, stric
         elif steps == 0:
             raise PlanError(f"stages[{i}].mixture", f"the budget gives 0 steps: it is less than one global batch "
                             f"({st.global_batch_size} × {st.seq_len} tokens); raise the budget or lower the batch")
+        known = mix.tokens is not None or bool(train_tokens)
+        mixture_tokens = mp.total_blocks * st.seq_len if known else None
+        trained = steps * st.global_batch_size * st.seq_len if steps is not None else None
         stages.append({
             "index": i,
             "name": st.name,
@@ -105,7 +93,12 @@ def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None, stric
             "tokens_per_step": st.global_batch_size * st.seq_len,
             "steps": steps,
             "warmup_steps": warmup_steps(st, steps) if steps else st.schedule.warmup_steps,
-            "tokens": steps * st.global_batch_size * st.seq_len if steps is not None else None,
+            "warmup_ratio": st.schedule.warmup_ratio,
+            "tokens": trained,
+            "mixture_tokens": mixture_tokens,  # what the mixture plans; `tokens` is what trains (whole batches)
+            "max_steps": st.max_steps,
+            "checkpoint": st.checkpoint.describe(),
+            "params": stage_trainable(preset, i, old_vocab_size),
             "lr": st.schedule.lr,
             "schedule": st.schedule.name,
             "precision": st.precision,
@@ -119,7 +112,7 @@ def resolve(preset: Preset, train_tokens: Optional[dict[str, int]] = None, stric
                 "budget_tokens": mix.tokens,
                 "epochs": mix.epochs,
                 "sources": [{
-                    "source": s.name, "weight": s.weight, "share": s.share, "tokens": s.tokens,
+                    "source": s.name, "weight": s.weight, "share": s.share, "tokens": s.tokens if known else None,
                     "available_tokens": train_tokens.get(s.name),
                     "epochs": s.epochs if s.name in train_tokens else None,
                 } for s in mp.sources],
@@ -187,16 +180,26 @@ def format_plan(plan: dict) -> str:
                      f"{' ' + st['from'] if st['from'] else ''})")
         lines.append(f"    steps {steps}  tokens {tokens}  seq_len {st['seq_len']}  global batch {st['global_batch_size']}"
                      f" = micro {st['micro_batch_size']} × accum {st['grad_accum']} × {plan['world_size']} proc")
-        lines.append(f"    lr {st['lr']:g} {st['schedule']}, warmup {st['warmup_steps']}  precision {st['precision']}"
-                     f"  ZeRO {st['zero_stage']}" + ("  LoRA r=%d" % st["lora"]["r"] if st["lora"] else ""))
-        tr = st["trainable"]
-        lines.append(f"    trainable: input_embeddings={tr['input_embeddings']} output_embeddings={tr['output_embeddings']}"
-                     f" transformer={tr['transformer']}")
+        warm = st["warmup_steps"]
+        if warm is None and st.get("warmup_ratio") is not None:
+            warm = f"{st['warmup_ratio']:.0%} of the steps"
+        lines.append(f"    lr {st['lr']:g} {st['schedule']}, warmup {warm if warm is not None else 0}  precision "
+                     f"{st['precision']}  ZeRO {st['zero_stage']}" + ("  LoRA r=%d" % st["lora"]["r"] if st["lora"] else ""))
+        lines.extend(format_params(st))
+        if st.get("checkpoint"):
+            lines.append(f"    checkpoints: {st['checkpoint']}")
         lines.append(f"    {'source':<24} {'weight':>8} {'share':>7} {'tokens':>16} {'prepared':>16} {'epochs':>7}")
         for s in st["mixture"]["sources"]:
             ep = f"{s['epochs']:.2f}" if s["epochs"] is not None else "-"
             avail = f"{s['available_tokens']:,}" if s.get("available_tokens") is not None else "-"
-            lines.append(f"    {s['source']:<24} {s['weight']:>8g} {s['share']:>7.2%} {s['tokens']:>16,} {avail:>16} {ep:>7}")
+            toks = f"{s['tokens']:,}" if s["tokens"] is not None else "? (epochs)"
+            lines.append(f"    {s['source']:<24} {s['weight']:>8g} {s['share']:>7.2%} {toks:>16} {avail:>16} {ep:>7}")
+        mt, tt = st.get("mixture_tokens"), st["tokens"]
+        if mt is not None and tt is not None and mt > tt:
+            why = (f"max_steps {st['max_steps']:,}" if st.get("max_steps") and st["steps"] == st["max_steps"]
+                   else f"the partial last global batch ({st['global_batch_size']} × {st['seq_len']} tokens)")
+            lines.append(f"    {'not trained':<24} {'':>8} {'':>7} {-(mt - tt):>16,}   {why}")
+            lines.append(f"    {'trained':<24} {'':>8} {'':>7} {tt:>16,}")
         if "memory" in st:  # engine.memory: per process, from the model config
             lines.append("    " + format_memory(st["memory"]))
         for n in st.get("data_notes", []):
@@ -219,6 +222,20 @@ def format_plan(plan: dict) -> str:
         lines.append(f"    evaluated on: {where}" + (f"  include path: {', '.join(b['include_path'])}"
                                                      if b["include_path"] else ""))
     return "\n".join(lines)
+
+
+def format_params(st: dict) -> list[str]:
+    """The plan's statement of what trains in a stage, with the exact parameter count and share."""
+    p = st.get("params") or {}
+    if "trainable" not in p:
+        return [f"    trains: ? ({p.get('note', 'model unknown')})"]
+    approx = "" if p.get("exact") else "≈"
+    out = []
+    for ph in p["phases"]:
+        head = f"steps {ph['steps']}: " if ph["steps"] else ""
+        out.append(f"    trains {approx}{ph['trainable']:,} of {approx}{p['total']:,} parameters "
+                   f"({ph['trainable'] / p['total']:.2%}): {head}{ph['what']}")
+    return out
 
 
 # --------------------------------------------------------------------------- paths
@@ -270,8 +287,11 @@ def stage_dir(run_dir: str | Path, stage: StageSpec) -> Path:
     return RunLayout(run_dir).stage(stage.name).root
 
 
-def stage_config(preset: Preset, index: int, run_dir: str | Path, prepared: dict) -> dict:
-    """The JSON a trainer process reads (contract version STAGE_JSON_VERSION)."""
+def stage_config(preset: Preset, index: int, run_dir: str | Path, prepared: dict,
+                 init_from: Optional[dict] = None) -> dict:
+    """The JSON a trainer process reads (contract version STAGE_JSON_VERSION).
+    `init_from` (`--from-stage`, for the run's first stage): {"dir": final model / HF directory,
+    "checkpoint": a checkpoint or None}: what the stages this run skips would have left."""
     st = preset.stages[index]
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
@@ -282,16 +302,24 @@ def stage_config(preset: Preset, index: int, run_dir: str | Path, prepared: dict
 
     previous_final = str(layout.stage(preset.stages[index - 1].name).final) if index else None
     resume_from = None
-    if st.start == "previous":
+    skipped = names[:index]
+    if init_from and (st.start == "previous" or st.from_ in skipped):  # --from-stage: the earlier run's model
+        previous_final = init_from["dir"]
+    if init_from and st.start == "resume" and st.from_ in skipped:
+        if not init_from.get("checkpoint"):
+            raise PlanError(f"stages[{index}].from", f"start: resume from {st.from_!r}: --init-from gave no "
+                            "checkpoint to resume from (give RUN:STAGE of a run whose stage left one)")
+        resume_from, model_dir = init_from["checkpoint"], previous_final
+    elif st.start == "previous":
         model_dir = previous_final or prepared["model_dir"]
     elif st.start == "init_from":
-        model_dir = final_of(st.from_)
+        model_dir = previous_final if init_from and st.from_ in skipped else final_of(st.from_)
     else:  # resume: weights and (per the flags) optimizer / scheduler state from a checkpoint
         if st.from_ in names:
             ck = layout.stage(st.from_).latest_checkpoint()  # complete ones only (trainer_state.json)
             if ck is None:
                 raise PlanError(f"stages[{index}].from", f"stage {st.from_!r} left no checkpoint to resume from; "
-                                "set its checkpoint.every_steps")
+                                "did it crash before its first checkpoint, or have `checkpoint: off`?")
             resume_from = str(ck)
         else:
             resume_from = expand_path(st.from_)

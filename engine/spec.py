@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator, model_validator)
 from typing_extensions import Annotated
 
 SPEC_VERSION = 1
@@ -24,9 +24,24 @@ SPEC_VERSION = 1
 # `precision` → accelerate's --mixed_precision (one home: the launcher and the trainer both read it).
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
+# Bounds of integer fields: large enough for any real run, small enough that no plan arithmetic (numpy
+# int64, SQLite INTEGER) overflows and a typo with three extra zeros is refused, not run.
+MAX_TOKENS = 10**15  # token budgets and caps (a quadrillion)
+MAX_DIM = 1 << 24  # sizes of one model dimension, vocabularies, sequence lengths, batches
+MAX_STEPS = 10**12  # step counts and cadences
+MAX_SEED = 2**63 - 1
+
+
 class _Strict(BaseModel):
-    # Unknown keys are errors: a typo in a preset must never be silently ignored.
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Unknown keys are errors: a typo in a preset must never be silently ignored. Types are strict (no
+    # bool or float where an integer is expected, no number where a string is), numbers finite.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, strict=True, allow_inf_nan=False)
+
+
+def _no_bool(v):
+    if isinstance(v, bool):
+        raise ValueError(f"expected a number, got the boolean {v}")
+    return v
 
 
 # --------------------------------------------------------------------------- model
@@ -35,15 +50,15 @@ class _Strict(BaseModel):
 class ArchConfig(_Strict):
     """A Llama-style architecture, for a model built from scratch (demo, tests, ablations)."""
 
-    hidden_size: int = Field(64, gt=0)
-    intermediate_size: int = Field(128, gt=0)
-    num_hidden_layers: int = Field(2, gt=0)
-    num_attention_heads: int = Field(4, gt=0)
-    num_key_value_heads: Optional[int] = Field(None, gt=0)
-    max_position_embeddings: int = Field(2048, gt=0)
+    hidden_size: int = Field(64, gt=0, le=MAX_DIM)
+    intermediate_size: int = Field(128, gt=0, le=MAX_DIM)
+    num_hidden_layers: int = Field(2, gt=0, le=100_000)
+    num_attention_heads: int = Field(4, gt=0, le=MAX_DIM)
+    num_key_value_heads: Optional[int] = Field(None, gt=0, le=MAX_DIM)
+    max_position_embeddings: int = Field(2048, gt=0, le=MAX_DIM)
     rope_theta: float = Field(10000.0, gt=0)
     tie_word_embeddings: bool = False
-    vocab_size: Optional[int] = Field(None, gt=0, description="default: the tokenizer's length")
+    vocab_size: Optional[int] = Field(None, gt=0, le=MAX_DIM, description="default: the tokenizer's length")
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -70,8 +85,8 @@ class TokenizerTrainSpec(_Strict):
     """Train a byte-level BPE tokenizer on the fly (demo / from-scratch models)."""
 
     sources: list[str] = Field(min_length=1)
-    vocab_size: int = Field(1024, ge=260)
-    max_chars: int = Field(5_000_000, gt=0, description="characters of text to train on")
+    vocab_size: int = Field(1024, ge=260, le=MAX_DIM)
+    max_chars: int = Field(5_000_000, gt=0, le=MAX_TOKENS, description="characters of text to train on")
 
 
 class TokenizerSpec(_Strict):
@@ -90,13 +105,13 @@ class VocabularySpec(_Strict):
     """Vocabulary extension for a new language (EEVE / mean-of-subwords initialisation)."""
 
     sources: list[str] = Field(min_length=1, description="target-language sources to train new tokens on")
-    new_tokens: Optional[int] = Field(None, gt=0)
-    target_vocab_size: Optional[int] = Field(None, gt=0)
-    min_frequency: int = Field(2, ge=1)
+    new_tokens: Optional[int] = Field(None, gt=0, le=MAX_DIM)
+    target_vocab_size: Optional[int] = Field(None, gt=0, le=MAX_DIM)
+    min_frequency: int = Field(2, ge=1, le=MAX_TOKENS)
     model: Literal["bpe"] = "bpe"
     output_init: Literal["mean", "first_subword"] = "mean"
-    pad_to_multiple_of: int = Field(64, ge=1)
-    max_chars: int = Field(50_000_000, gt=0, description="characters of target text to train on")
+    pad_to_multiple_of: int = Field(64, ge=1, le=MAX_DIM)
+    max_chars: int = Field(50_000_000, gt=0, le=MAX_TOKENS, description="characters of target text to train on")
     original_sources: list[str] = Field(default_factory=list, description="original-language sources whose "
                                         "documents measure what changed (default: stdlib docstrings, English)")
 
@@ -128,12 +143,12 @@ class SourceSpec(_Strict):
     sample_by: Literal["document", "paragraph", "line"] = Field(
         "document", description="text files: one document per file, per blank-line-separated paragraph, "
         "or per line (the options of datasets' text loader; blank lines are separators, not documents)")
-    max_tokens: Optional[int] = Field(None, gt=0, description="cap on training tokens taken from this source")
+    max_tokens: Optional[int] = Field(None, gt=0, le=MAX_TOKENS, description="cap on training tokens taken from this source")
     sample: Literal["first", "shuffled"] = Field(
         "first", description="with max_tokens: the first documents in file order, or a seeded random subset of "
         "documents (LLM-Foundry's --shuffle)")
-    sample_seed: int = Field(0, ge=0, description="sample: shuffled: the seed of the document subset")
-    val_tokens: int = Field(0, ge=0, description="tokens held out for validation, never trained on")
+    sample_seed: int = Field(0, ge=0, le=MAX_SEED, description="sample: shuffled: the seed of the document subset")
+    val_tokens: int = Field(0, ge=0, le=MAX_TOKENS, description="tokens held out for validation, never trained on")
     val_fraction: float = Field(0.0, ge=0, lt=1, description="instead of val_tokens: this share of documents "
                                 "(every n-th) is held out, as run_clm's validation_split_percentage")
     on_error: Literal["skip", "fail"] = "skip"
@@ -155,10 +170,10 @@ class MixtureSpec(_Strict):
     """Token-weighted mixture over sources with a budget (`tokens`) or a number of passes (`epochs`)."""
 
     weights: dict[str, float] = Field(min_length=1)
-    tokens: Optional[int] = Field(None, gt=0, description="total training tokens of the stage")
-    epochs: Optional[float] = Field(None, gt=0, description="instead of tokens: passes over every source")
+    tokens: Optional[int] = Field(None, gt=0, le=MAX_TOKENS, description="total training tokens of the stage")
+    epochs: Optional[float] = Field(None, gt=0, le=1e6, description="instead of tokens: passes over every source")
     shuffle: bool = True
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     max_repeats: float = Field(4.0, gt=0, description="warn when a source repeats more often than this")
 
     @field_validator("weights")
@@ -187,7 +202,7 @@ class TrainableSpec(_Strict):
     input_embeddings: Literal["none", "new", "all"] = "all"
     output_embeddings: Literal["none", "new", "all"] = "all"
     transformer: Literal["frozen", "trainable"] = "trainable"
-    old_vocab_size: Optional[int] = Field(None, gt=0, description="default: recorded by vocabulary extension")
+    old_vocab_size: Optional[int] = Field(None, gt=0, le=MAX_DIM, description="default: recorded by vocabulary extension")
     include: list[str] = Field(default_factory=list, description="regexes of parameter names to train as well")
     exclude: list[str] = Field(default_factory=list, description="regexes of parameter names to freeze")
 
@@ -203,15 +218,15 @@ class TrainableSpec(_Strict):
 
 
 class ReloraSpec(_Strict):
-    merge_every: int = Field(gt=0, description="merge LoRA into the base and re-initialise every T steps")
-    warm_start_steps: int = Field(0, ge=0, description="full-rank steps before LoRA starts")
+    merge_every: int = Field(gt=0, le=MAX_STEPS, description="merge LoRA into the base and re-initialise every T steps")
+    warm_start_steps: int = Field(0, ge=0, le=MAX_STEPS, description="full-rank steps before LoRA starts")
     reset: Literal["optimizer", "prune"] = "prune"
     prune_ratio: float = Field(0.999, ge=0, le=1)
-    rewarmup_steps: int = Field(50, ge=0, description="LR re-warmup after each merge (jagged schedule)")
+    rewarmup_steps: int = Field(50, ge=0, le=MAX_STEPS, description="LR re-warmup after each merge (jagged schedule)")
 
 
 class LoraSpec(_Strict):
-    r: int = Field(8, gt=0)
+    r: int = Field(8, gt=0, le=MAX_DIM)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -223,7 +238,7 @@ class ScheduleSpec(_Strict):
     name: Literal["cosine", "linear", "constant", "wsd", "inverse_sqrt"] = "cosine"
     lr: float = Field(3e-4, gt=0)
     min_lr: float = Field(0.0, ge=0)
-    warmup_steps: Optional[int] = Field(None, ge=0)
+    warmup_steps: Optional[int] = Field(None, ge=0, le=MAX_STEPS)
     warmup_ratio: Optional[float] = Field(None, ge=0, le=1)
     decay_fraction: float = Field(0.2, gt=0, le=1, description="WSD: the final fraction of steps that decays")
 
@@ -238,20 +253,56 @@ class ScheduleSpec(_Strict):
 
 class OptimizerSpec(_Strict):
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: Annotated[tuple[float, float], Field(strict=False)] = (0.9, 0.95)  # a YAML list
     eps: float = Field(1e-8, gt=0)
     grad_clip: Optional[float] = Field(1.0, gt=0)
 
 
+DEFAULT_CHECKPOINT_MINUTES = 30.0  # a stage without a cadence: a crash never costs more than this
+
+
 class CheckpointSpec(_Strict):
-    every_steps: Optional[int] = Field(None, gt=0)
-    every_tokens: Optional[int] = Field(None, gt=0)
-    keep_last: int = Field(2, gt=0)
+    """When a stage checkpoints. Without any cadence (no `checkpoint:` block, or a block that sets none):
+    every DEFAULT_CHECKPOINT_MINUTES minutes of training time and at the end. `checkpoint: off`: never."""
+
+    every_minutes: Optional[float] = Field(None, gt=0, le=1e6, description="minutes of training time "
+                                           f"(default {DEFAULT_CHECKPOINT_MINUTES:g} when no other cadence is given)")
+    every_steps: Optional[int] = Field(None, gt=0, le=MAX_STEPS)
+    every_tokens: Optional[int] = Field(None, gt=0, le=MAX_TOKENS)
+    keep_last: int = Field(2, gt=0, le=1_000_000)
+    enabled: bool = Field(True, description="false: `checkpoint: off`, the stage never checkpoints")
+
+    @property
+    def minutes(self) -> Optional[float]:
+        """The effective time cadence: every_minutes, else the default when nothing else is set."""
+        if not self.enabled:
+            return None
+        if self.every_minutes is None and not (self.every_steps or self.every_tokens):
+            return DEFAULT_CHECKPOINT_MINUTES
+        return self.every_minutes
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "off (a crash restarts the stage from step 0)"
+        parts = [f"every {self.every_steps:,} steps" if self.every_steps else "",
+                 f"every {self.every_tokens:,} tokens" if self.every_tokens else "",
+                 f"every {self.minutes:g} min" + (" (default)" if self.every_minutes is None else "")
+                 if self.minutes else ""]
+        return ", ".join(p for p in parts if p) + f" and at the end, keep {self.keep_last}"
+
+
+def _checkpoint_block(v):
+    """`checkpoint: off` (YAML reads off/false as False) disables checkpoints; an empty block is the default."""
+    if v is False or v == "off":
+        return {"enabled": False}
+    if v is None:
+        return {}
+    return v
 
 
 class EvalSpec(_Strict):
-    every_steps: int = Field(50, gt=0)
-    max_blocks: Union[Annotated[int, Field(gt=0)], Literal["all"]] = Field(
+    every_steps: int = Field(50, gt=0, le=MAX_STEPS)
+    max_blocks: Union[Annotated[int, Field(gt=0, le=MAX_DIM)], Literal["all"]] = Field(
         16, description="validation blocks per domain per evaluation; `all`: the whole held-out set")
 
     @property
@@ -264,7 +315,7 @@ class LongDocsSpec(_Strict):
     """Long-document upsampling (Gao et al., "How to train long-context LMs"): within each source of the
     mixture, documents of at least `min_tokens` make up `share` of the source's tokens; source weights unchanged."""
 
-    min_tokens: int = Field(gt=0, description="a document this long (in tokens, EOS included) counts as long")
+    min_tokens: int = Field(gt=0, le=MAX_TOKENS, description="a document this long (in tokens, EOS included) counts as long")
     share: float = Field(gt=0, lt=1, description="share of each source's tokens that come from long documents")
 
 
@@ -286,27 +337,29 @@ class StageSpec(_Strict):
     lora: Optional[LoraSpec] = None
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
-    seq_len: int = Field(gt=0)
+    seq_len: int = Field(gt=0, le=MAX_DIM)
     rope_theta: Optional[float] = Field(None, gt=0, description="context extension: new RoPE base")
     long_docs: Optional[LongDocsSpec] = Field(None, description="upsample long documents within each source "
                                               "(implies keep_boundaries on the mixture's sources)")
-    micro_batch_size: int = Field(1, gt=0)
-    global_batch_size: int = Field(gt=0)
+    micro_batch_size: int = Field(1, gt=0, le=MAX_DIM)
+    global_batch_size: int = Field(gt=0, le=MAX_DIM)
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    zero_stage: Literal[0, 1, 2, 3] = 0
+    zero_stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(_no_bool)] = 0
     offload: Literal["none", "cpu"] = "none"
     gradient_checkpointing: bool = False
     fused_loss: bool = Field(True, description="chunked head + cross-entropy that never holds the whole "
                              "batch's logits (engine/loss.py); the standard loss is used by itself when the "
                              "model's head does not allow it")
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    checkpoint: Annotated[CheckpointSpec, BeforeValidator(_checkpoint_block)] = Field(
+        default_factory=CheckpointSpec, description="default: every 30 minutes of training and at the end; "
+        "`off`: never")
     eval: EvalSpec = Field(default_factory=EvalSpec)
-    log_every: int = Field(1, gt=0)
+    log_every: int = Field(1, gt=0, le=MAX_STEPS)
     nan_policy: Literal["stop", "skip"] = Field("stop", description="non-finite loss: stop the stage, or skip the batch")
     spike_factor: float = Field(3.0, gt=1, description="a loss >= spike_factor × the mean of the last "
                                 "spike_window steps is recorded as a loss_spike warning")
-    spike_window: int = Field(20, gt=0)
-    max_steps: Optional[int] = Field(None, gt=0, description="cap, mostly for smoke tests")
+    spike_window: int = Field(20, gt=0, le=1_000_000)
+    max_steps: Optional[int] = Field(None, gt=0, le=MAX_STEPS, description="cap, mostly for smoke tests")
 
     @model_validator(mode="after")
     def _checks(self):
@@ -328,7 +381,7 @@ class NodeSpec(_Strict):
     port: Optional[int] = Field(None, gt=0, lt=65536)
     workdir: str = Field("~/cpt-tui", description="run directory on the node")
     python: str = Field("python3", description="the node's Python with the engine installed")
-    processes: Optional[int] = Field(None, gt=0, description="default: cluster.processes_per_node (auto: the "
+    processes: Optional[int] = Field(None, gt=0, le=1 << 16, description="default: cluster.processes_per_node (auto: the "
                                      "node's GPU count)")
     address: Optional[str] = Field(None, description="address other nodes reach this one at (default: host)")
     env: dict[str, str] = Field(default_factory=dict)
@@ -352,7 +405,7 @@ class SlurmSpec(_Strict):
 
 class ClusterSpec(_Strict):
     kind: Literal["local", "ssh", "slurm"] = "local"
-    processes_per_node: Union[Annotated[int, Field(gt=0)], Literal["auto"]] = Field(
+    processes_per_node: Union[Annotated[int, Field(gt=0, le=1 << 16)], Literal["auto"]] = Field(
         "auto", description="`auto`: the number of GPUs torch sees on the node (the preflight probe, "
         "engine/doctor.py), 1 on a node without CUDA")
     nodes: list[NodeSpec] = Field(default_factory=list)
@@ -425,7 +478,7 @@ class BenchmarksSpec(_Strict):
 class Preset(_Strict):
     name: str
     description: str = ""
-    seed: int = 1234
+    seed: int = Field(1234, ge=0, le=MAX_SEED)
     model: ModelSpec
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
     vocabulary: Optional[VocabularySpec] = None
@@ -554,14 +607,99 @@ def _split_path(path: str) -> tuple:
     return tuple(parts)
 
 
-def parse_preset(text: str, file: str | Path = "<preset>") -> Preset:
+MAX_YAML_NODES = 200_000  # a preset is a few hundred nodes; aliases expanding beyond this are a bomb
+MAX_YAML_DEPTH = 64
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+class _PresetLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (naming both lines) and reads
+    `1e-4` as the number YAML 1.2 says it is (YAML 1.1 needs a dot: `1.0e-4`)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for k, _ in node.value:
+                if k.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base`: merged keys may be overridden, that is the point of a merge
+                key = self.construct_object(k, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    raise _YamlProblem(k.start_mark.line + 1, f"a mapping key must be a plain value, got {k.id}")
+                if first is not None:
+                    raise _YamlProblem(k.start_mark.line + 1, f"duplicate key {key!r}: given at line {first} and "
+                                       f"again at line {k.start_mark.line + 1}; keep one")
+                seen[key] = k.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+_PresetLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789"))
+
+
+class _YamlProblem(Exception):
+    def __init__(self, line: Optional[int], msg: str):
+        super().__init__(msg)
+        self.line, self.msg = line, msg
+
+
+def _check_size(root: yaml.Node) -> None:
+    """Bound what aliases expand to (a "billion laughs" preset must not hang the manager)."""
+    memo: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(n: yaml.Node, depth: int) -> int:
+        if id(n) in memo:
+            return memo[id(n)]
+        if id(n) in busy:
+            raise _YamlProblem(n.start_mark.line + 1, "an alias refers to the mapping or list that contains it")
+        if depth > MAX_YAML_DEPTH:
+            raise _YamlProblem(n.start_mark.line + 1, f"nested deeper than {MAX_YAML_DEPTH} levels")
+        busy.add(id(n))
+        if isinstance(n, yaml.SequenceNode):
+            total = 1 + sum(size(c, depth + 1) for c in n.value)
+        elif isinstance(n, yaml.MappingNode):
+            total = 1 + sum(size(k, depth + 1) + size(v, depth + 1) for k, v in n.value)
+        else:
+            total = 1
+        busy.discard(id(n))
+        if total > MAX_YAML_NODES:
+            raise _YamlProblem(n.start_mark.line + 1, f"anchors and aliases expand to more than {MAX_YAML_NODES:,} "
+                               "values; a preset is far smaller (an alias bomb?)")
+        memo[id(n)] = total
+        return total
+
+    size(root, 0)
+
+
+def load_yaml(text: str, file: str | Path = "<preset>") -> tuple[Any, Optional[yaml.Node]]:
+    """(data, root node) of one YAML document, strictly: PresetError for invalid YAML, a duplicate key,
+    an alias bomb or nesting too deep for the parser."""
+    loader = _PresetLoader(text)
     try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        _check_size(root)
+        return loader.construct_document(root), root
+    except _YamlProblem as e:
+        raise PresetError(file, [("", e.line, e.msg)]) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else None
-        raise PresetError(file, [("", line, f"not valid YAML: {getattr(e, 'problem', e)}; fix the syntax")]) from None
+        what = ", ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise PresetError(file, [("", line, f"not valid YAML: {what}; fix the syntax")]) from None
+    except RecursionError:
+        raise PresetError(file, [("", None, "not valid YAML: nested too deeply")]) from None
+    finally:
+        loader.dispose()
+
+
+def parse_preset(text: str, file: str | Path = "<preset>") -> Preset:
+    if "\x00" in text:
+        raise PresetError(file, [("", text[:text.index("\x00")].count("\n") + 1,
+                                  "not a text file (NUL bytes): is this the preset?")])
+    data, root = load_yaml(text, file)
     if not isinstance(data, dict):
         raise PresetError(file, [("", 1, "a preset must be a YAML mapping (name:, model:, sources:, stages:, ...)")])
     try:
@@ -607,7 +745,7 @@ def dump_preset(preset: Preset) -> str:
 def preset_error_at(file: str | Path, yaml_path: str, msg: str) -> PresetError:
     """A PresetError for a problem found after validation (plan checks, missing paths), with its line."""
     try:
-        root = yaml.compose(Path(file).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        _, root = load_yaml(Path(file).read_text(encoding="utf-8"), file)
+    except (OSError, UnicodeDecodeError, PresetError):
         root = None
     return PresetError(file, [(yaml_path, _line_of(root, _split_path(yaml_path)), msg)])

@@ -56,6 +56,7 @@ from engine.faults import Faults
 from engine.layout import StageLayout
 from engine.loss import fused_head_unsupported, install_head, linear_cross_entropy, restore_head, shifted_targets
 from engine.metrics import SpikeWatch, StepTimer
+from engine.rules import check_new_rows, check_stage_processes
 from engine.schedule import Schedule
 from engine.spec import MIXED_PRECISION, MixtureSpec, StageSpec
 from engine.trainable import RowGuard, apply_patterns, apply_trainable, param_groups
@@ -206,19 +207,10 @@ class Trainer:
 
         cfg, st = self.cfg, self.stage
         self._check_processes()
-        per_step = st.micro_batch_size * self.world
-        if st.global_batch_size % per_step:
-            raise ValueError(f"global_batch_size {st.global_batch_size} is not a multiple of "
-                             f"micro_batch_size × world size = {st.micro_batch_size} × {self.world}")
-        self.accum = st.global_batch_size // per_step
+        # engine/rules.py: the same rules `cpt-tui plan` checked, now with the processes we got
+        self.accum = check_stage_processes(st, self.world, self.ds)
+        check_new_rows(st, cfg.get("old_vocab_size"), False)
         self.relora = st.lora.relora if st.lora else None
-        if self.relora and self.ds:
-            raise ValueError("ReLoRA under DeepSpeed is not supported (merging needs unpartitioned weights and "
-                             "optimizer state); use zero_stage: 0")
-        if self.relora and self.relora.warm_start_steps and self.world > 1:
-            raise ValueError("ReLoRA warm_start_steps with several processes is not supported yet")
-        if st.lora and st.zero_stage == 3:
-            raise ValueError("LoRA with ZeRO-3 is not supported: use zero_stage 1 or 2")
         self.seed = self.mix.seed if self.mix.seed is not None else cfg["seed"] + cfg["stage_index"]
         set_seed(cfg["seed"] + cfg["stage_index"])
         self.stop_requested = False

@@ -55,7 +55,8 @@ def test_seed_hyperparameters_are_carried():
     assert {s.schedule.lr for s in vs.stages} == {1e-4, 2e-4} and {s.schedule.warmup_steps for s in vs.stages} == {50}
     assert vs.vocabulary.output_init == "mean"
     fm = load_preset(find_preset("finemath-llama3-3b"))
-    assert fm.stages[0].load_optimizer is False and fm.stages[0].load_lr_scheduler is False
+    # weights only, fresh optimizer and schedule: what `start: previous` does (load_* flags act only on resume)
+    assert fm.stages[0].start == "previous" and not {"load_optimizer", "load_lr_scheduler"} & fm.stages[0].model_fields_set
     assert fm.mixtures["mix-3plus"].weights == {"fineweb-edu": 0.4, "finemath-3plus": 0.3, "infiwebmath-3plus": 0.3}
 
 

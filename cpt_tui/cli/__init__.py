@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --run: seconds before the first restart, doubled each time (default 10)")
     ap.add_argument("--telemetry-interval", type=float, metavar="S",
                     help="with --run: seconds between node telemetry samples, 0 = off (default 2)")
+    ap.add_argument("--from-stage", metavar="NAME", help="with --run: run the plan from this stage (the stages "
+                    "before it are skipped)")
+    ap.add_argument("--init-from", metavar="RUN[:STAGE]|DIR", help="with --from-stage: start it from the final "
+                    "model of a finished stage of an earlier run (default STAGE: the one before NAME) or a directory")
     sub = ap.add_subparsers(dest="cmd")
     common = argparse.ArgumentParser(add_help=False)  # so `cpt-tui runs --db X` works too
     common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS)

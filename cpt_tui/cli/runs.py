@@ -120,7 +120,8 @@ def cmd_run(a) -> int:
 
     db = paths.db_path(a.db)
     S.adopt_orphans(db)
-    run_id = S.start_detached(a.run, db, **_run_options(a))
+    run_id = S.start_detached(a.run, db, from_stage=getattr(a, "from_stage", None),
+                              init_from=getattr(a, "init_from", None), **_run_options(a))
     if a.detach:
         print(run_id)
         return 0
@@ -244,8 +245,14 @@ def cmd_show(a) -> int:
     bench = store.benchmarks(run["id"])
     if a.json:
         out = {**run, "plan": json.loads(run["plan"]) if run["plan"] else None}
-        print(json.dumps({"run": out, "stages": [dict(s) for s in stages], "eval": [dict(e) for e in evals],
-                          "metrics": len(store.metrics(run["id"])), "benchmarks": bench_json(bench)}, indent=1))
+        opts = json.loads(run["options"] or "{}")
+        metrics = store.metrics(run["id"])  # each step once (the latest attempt)
+        print(json.dumps({"run": out, "lineage": opts.get("lineage"), "stages": [dict(s) for s in stages],
+                          "eval": [dict(e) for e in evals], "metrics": len(metrics),
+                          "metric_steps": {s["name"]: [m.step for m in metrics if m.stage == s["name"]] for s in stages},
+                          "attempts": store.attempts(run["id"]),
+                          "metric_rows_all_attempts": len(store.metrics(run["id"], history=True)),
+                          "benchmarks": bench_json(bench)}, indent=1))
         return 0
     from cpt_tui import lifecycle as S
     sup = ""
