@@ -48,7 +48,7 @@ def test_due_every_steps_every_tokens_and_the_end():
     assert [s for s in range(1, 11) if steps.due(s, s * 100, 10)] == [3, 6, 9, 10]
     tokens = Checkpointer(lay, CheckpointSpec(every_tokens=250), 100, _Dist(), _Events(), False)
     assert [s for s in range(1, 8) if tokens.due(s, s * 100, 7)] == [3, 5, 7]  # crossing 250, 500; the end
-    never = Checkpointer(lay, CheckpointSpec(), 100, _Dist(), _Events(), False)
+    never = Checkpointer(lay, CheckpointSpec(enabled=False), 100, _Dist(), _Events(), False)  # `checkpoint: off`
     assert not never.enabled and not any(never.due(s, s * 100, 5) for s in range(1, 6))
 
 

@@ -129,6 +129,7 @@ def test_row_guard_hook_decay_restore_groups_and_patterns():
 
     m = _tiny(vocab=96)
     g = apply_trainable(m, TrainableSpec(input_embeddings="new", output_embeddings="new", transformer="frozen"), 64)
+    g.snapshot()  # the trainer takes it once the weights are loaded and placed (engine/train.py)
     emb, head = m.get_input_embeddings().weight, m.get_output_embeddings().weight
     assert g.params() == [emb, head]
     assert [n for n, p in m.named_parameters() if p.requires_grad] == ["model.embed_tokens.weight", "lm_head.weight"]
