@@ -43,6 +43,7 @@ from engine.loss import fused_head_unsupported, install_head, linear_cross_entro
 from engine.metrics import SpikeWatch, StepTimer
 from engine.schedule import Schedule
 from engine.spec import MIXED_PRECISION, MixtureSpec, StageSpec
+from engine.trackers import with_trackers
 from engine.trainable import RowGuard, apply_patterns, apply_trainable, param_groups
 
 EXIT_STOPPED = 75
@@ -132,6 +133,7 @@ class Trainer:
         self.dist = Dist()
         self.rank, self.world = self.dist.rank, self.dist.world
         self.ev = EventWriter(self.layout.events, st.name, enabled=self.rank == 0)
+        self.ev = with_trackers(self.ev, cfg, self.rank)  # metric/eval events also go to the preset's trackers
         try:
             self._configure()
         except Exception as e:
