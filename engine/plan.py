@@ -18,7 +18,7 @@ from engine.errors import UserError
 from engine.layout import RunLayout
 from engine.schedule import warmup_steps  # noqa: F401  (engine.plan.warmup_steps: API)
 from engine.spec import Preset, StageSpec
-from engine.trackers import stage_block
+from engine.tracker_config import stage_block
 
 STAGE_JSON_VERSION = 1
 
@@ -284,5 +284,5 @@ def stage_config(preset: Preset, index: int, run_dir: str | Path, prepared: dict
         # (the forgetting monitor needs the old domains too).
         "sources": stage_sources(prepared, st.name),  # long_docs: the stage's views (engine.data.longdocs)
         "world_size": world_size(preset),
-        "trackers": stage_block(preset, index, run_dir, prepared),  # engine/trackers.py (None: no trackers)
+        "trackers": stage_block(preset, index, run_dir, prepared),  # engine/tracker_config.py (None: no trackers)
     }

@@ -2,7 +2,8 @@
 (accelerate.tracking.TensorBoardTracker / WandBTracker / MLflowTracker), on rank 0 only.
 
 A preset's `trackers:` block (engine/spec.py TrackerSpec) reaches the trainer as the stage JSON's
-`trackers` field (built by `stage_block`, called from engine/plan.py stage_config). The trainer wraps
+`trackers` field (built by engine/tracker_config.py `stage_block`, called from engine/plan.py
+stage_config; it is apart so that the plan never imports accelerate). The trainer wraps
 its EventWriter with `with_trackers`: every `metric`, `eval` and `benchmark` event it emits is also
 logged to each tracker, so the trackers show exactly what SQLite holds.
 
@@ -27,58 +28,12 @@ the last checkpoint are logged again (W&B ignores steps lower than one it has).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-_NOT_CONFIG = ("env", "notify")  # keys whose values never leave the preset (secrets)
-
-
-# --------------------------------------------------------------------------- the stage JSON block
-
-
-def flat_config(preset) -> dict[str, Any]:
-    """The resolved preset as flat `a.b.0.c` → bool/int/float/str (what every tracker accepts)."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, v):
-        if isinstance(v, dict):
-            for k, x in v.items():
-                if k not in _NOT_CONFIG:
-                    walk(f"{prefix}.{k}" if prefix else str(k), x)
-        elif isinstance(v, list) and v and any(isinstance(x, (dict, list)) for x in v):
-            for i, x in enumerate(v):
-                walk(f"{prefix}.{i}", x)
-        elif isinstance(v, (bool, int, float, str)):
-            out[prefix] = v
-        else:  # None, flat lists
-            out[prefix] = json.dumps(v)
-
-    walk("", preset.model_dump(mode="json", by_alias=True))
-    return out
-
-
-def stage_block(preset, index: int, run_dir, prepared: dict) -> Optional[dict]:
-    """The stage JSON's `trackers` field (None without trackers): what rank 0 needs to log this stage
-    into the run's tracker runs."""
-    if not preset.trackers:
-        return None
-    from engine.plan import resolve
-
-    plan = resolve(preset, {n: s["train_tokens"] for n, s in prepared["sources"].items()})
-    before = plan["stages"][:index]
-    return {
-        "run_id": Path(run_dir).name,
-        "run_dir": str(run_dir),
-        "stage_index": index,
-        "stage_name": preset.stages[index].name,
-        "step_offset": sum(s["steps"] or 0 for s in before),
-        "tokens_offset": sum(s["tokens"] or 0 for s in before),
-        "trackers": [t.model_dump(mode="json") for t in preset.trackers],
-        "config": flat_config(preset),
-    }
+from engine.tracker_config import flat_config, stage_block  # noqa: F401  (API: the stage JSON block)
 
 
 # --------------------------------------------------------------------------- building accelerate's trackers

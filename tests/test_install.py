@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -37,7 +38,12 @@ def test_every_package_directory_is_listed_in_pyproject():
 @pytest.fixture(scope="module")
 def wheel_venv(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(ROOT),
+    # Built from a copy of the source tree: setuptools' build/ directory in the tree would keep stale
+    # files of an earlier build (and two builds at once would share it).
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src),
                     "-w", str(tmp / "dist")], check=True, capture_output=True, cwd=tmp)
     whl = next((tmp / "dist").glob("cpt_tui-*.whl"))
     venv = tmp / "venv"

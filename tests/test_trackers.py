@@ -93,7 +93,7 @@ def test_no_trackers_or_not_rank0_leaves_the_writer_alone():
 
 def test_config_is_the_flat_preset_without_env_or_notify_urls():
     from engine.spec import parse_preset
-    from engine.trackers import flat_config
+    from engine.tracker_config import flat_config
 
     doc = yaml.safe_load(tiny_preset(Path("/tmp/_unused_preset.yaml")).read_text())
     doc["cluster"] = {"env": {"WANDB_API_KEY": "sekrit-value"}}
