@@ -21,6 +21,7 @@ import json
 import os
 import queue
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -31,8 +32,13 @@ _LEVEL = {"stage_done": "success", "run_done": "success", "run_stopped": "warnin
           "run_failed": "failure", "restart_limit": "failure", "nan": "failure"}
 
 
-def pass_to_supervisor(urls: list[str]) -> None:
-    """`--notify URL...`: checked (apprise installed), then put where the supervisor started next finds them."""
+@contextmanager
+def passed_to_supervisor(urls: Optional[list[str]]):
+    """`--notify URL...`: checked (apprise installed), then in the environment of the supervisor
+    started inside this block — and of no other process started later."""
+    if not urls:
+        yield
+        return
     import importlib.util
 
     from engine.errors import UserError
@@ -40,6 +46,10 @@ def pass_to_supervisor(urls: list[str]) -> None:
     if importlib.util.find_spec("apprise") is None:
         raise UserError("--notify needs apprise, which is not installed: pip install 'cpt-tui[notify]'")
     os.environ[ENV] = "\n".join(urls)
+    try:
+        yield
+    finally:
+        os.environ.pop(ENV, None)
 
 
 def urls_for_run(preset_urls: list[str], run_dir: Path, env: Optional[dict] = None) -> list[str]:

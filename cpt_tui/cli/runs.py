@@ -120,10 +120,10 @@ def cmd_run(a) -> int:
 
     db = paths.db_path(a.db)
     S.adopt_orphans(db)
-    if getattr(a, "notify", None):  # to the run's supervisor through its environment, never SQLite (cpt_tui/notify.py)
-        from cpt_tui.notify import pass_to_supervisor
-        pass_to_supervisor(a.notify)
-    run_id = S.start_detached(a.run, db, **_run_options(a))
+    from cpt_tui.notify import passed_to_supervisor  # --notify: through its environment, never SQLite
+
+    with passed_to_supervisor(getattr(a, "notify", None)):
+        run_id = S.start_detached(a.run, db, **_run_options(a))
     if a.detach:
         print(run_id)
         return 0
