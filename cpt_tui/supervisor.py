@@ -36,6 +36,7 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
+from cpt_tui import notify
 from cpt_tui.backends import Backend, LaunchError, backend_for
 from cpt_tui.benchmarks import RunBenchmarks
 from cpt_tui.collector import Telemetry, read_lines
@@ -79,6 +80,8 @@ class Supervisor:
         self.opts = {**DEFAULTS, **json.loads(self.row.get("options") or "{}")}
         self.stop_requested = False
         self.secrets = secret_values(self.preset)
+        self.notifier = notify.for_run(self.preset, run_id, self.layout.root)  # None without notify URLs
+        self.secrets += self.notifier.urls if self.notifier else []
         self.backend: Optional[Backend] = None  # built in run(), with the starter's environment
         self.telemetry: Optional[Telemetry] = None
         self._beat = self._downsampled = 0.0
@@ -92,6 +95,8 @@ class Supervisor:
         data = {k: scrub(v, self.secrets) if isinstance(v, str) else v for k, v in data.items()}
         self.store.add_event(self.run_id, RUN_STREAM, type, **data)
         self.log(f"{type}: " + " ".join(f"{k}={v}" for k, v in data.items()))
+        if self.notifier:
+            self.notifier.run_event(type, data)
 
     def claim(self) -> bool:
         """Become the run's supervisor unless a live one exists (atomic in the store)."""
@@ -104,6 +109,8 @@ class Supervisor:
         if now - self._beat >= HEARTBEAT_S:
             self.store.update_run(self.run_id, heartbeat=now)
             self._beat = now
+            for msg in self.notifier.drain_failures() if self.notifier else ():
+                self.event("warning", kind="notify", message=msg)
         if self.telemetry:
             self.telemetry.check()
             samples = self.telemetry.drain()
@@ -131,6 +138,8 @@ class Supervisor:
             self.store.ingest(self.run_id, recs, raw=raw, stage_idx=stage_idx,
                               offset=new if stage_idx is not None else None,
                               attempt=self.attempt if stage_idx is not None else 1)
+            if self.notifier:
+                self.notifier.records(recs)
         return new
 
     def _follow(self, procs: list[Proc], events: Path, stage_idx: Optional[int], offset: int) -> int:
@@ -367,6 +376,10 @@ class Supervisor:
         self.store.update_run(self.run_id, status=status, error=reason if status == "failed" else None,
                               finished=time.time(), heartbeat=time.time())
         self.event(state=status, **({"reason": reason} if reason else {}))
+        if self.notifier:  # the last message goes out before the supervisor exits
+            self.notifier.close()
+            for msg in self.notifier.drain_failures():
+                self.event("warning", kind="notify", message=msg)
 
     def _stop_all(self) -> None:
         for s in self.store.stages(self.run_id):

@@ -20,6 +20,7 @@ from engine.params import stage_trainable
 from engine.rules import PlanError, check_preset, grad_accum  # noqa: F401  (engine.plan.PlanError / grad_accum: API)
 from engine.schedule import warmup_steps  # noqa: F401  (engine.plan.warmup_steps: API)
 from engine.spec import Preset, StageSpec
+from engine.tracker_config import stage_block
 
 STAGE_JSON_VERSION = 1
 
@@ -343,4 +344,5 @@ def stage_config(preset: Preset, index: int, run_dir: str | Path, prepared: dict
         "world_size": world_size(preset),
         "device": preset.cluster.device,  # auto | cuda | cpu: the trainer decides on its node (issue 20)
         "model_dtype": preset.model.dtype,
+        "trackers": stage_block(preset, index, run_dir, prepared),  # engine/tracker_config.py (None: no trackers)
     }

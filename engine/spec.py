@@ -472,6 +472,39 @@ class BenchmarksSpec(_Strict):
         return names if self.stages == "all" else [n for n in names if n in self.stages]
 
 
+# --------------------------------------------------------------------------- trackers, notifications
+
+# Tracker kind → (the module accelerate's tracker class imports, the cpt-tui extra that installs it).
+TRACKER_EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+                  "mlflow": ("mlflow", "mlflow")}
+
+
+class TrackerSpec(_Strict):
+    """One experiment tracker (engine/trackers.py): rank 0 logs every metric of the run to it, one
+    tracker run per cpt-tui run. Checked at plan time: its library must be installed."""
+
+    kind: Literal["tensorboard", "wandb", "mlflow"]
+    dir: Optional[str] = Field(None, description="tensorboard: log directory (default RUN_DIR/tensorboard); "
+                               "wandb: its files (default RUN_DIR)")
+    project: str = Field("cpt", description="wandb project")
+    entity: Optional[str] = Field(None, description="wandb entity (default: your W&B default)")
+    mode: Optional[Literal["online", "offline", "disabled"]] = Field(None, description="wandb mode (default: "
+                                                                      "WANDB_MODE, else online)")
+    tracking_uri: Optional[str] = Field(None, description="mlflow (default: MLFLOW_TRACKING_URI, else a file "
+                                        "store in RUN_DIR/mlruns)")
+    experiment: str = Field("cpt", description="mlflow experiment name")
+
+    @model_validator(mode="after")
+    def _installed(self):
+        import importlib.util
+
+        module, extra = TRACKER_EXTRAS[self.kind]
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"tracker {self.kind!r} needs the {module} package, which is not installed: "
+                             f"pip install 'cpt-tui[{extra}]'")
+        return self
+
+
 # --------------------------------------------------------------------------- preset
 
 
@@ -487,6 +520,18 @@ class Preset(_Strict):
     stages: list[StageSpec] = Field(min_length=1)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     benchmarks: Optional[BenchmarksSpec] = None
+    trackers: list[TrackerSpec] = Field(default_factory=list, description="experiment trackers (engine/trackers.py)")
+    notify: list[str] = Field(default_factory=list, description="apprise URLs notified of stage/run ends, NaN, "
+                              "loss spikes, the restart limit (cpt_tui/notify.py)")
+
+    @field_validator("notify")
+    @classmethod
+    def _apprise_installed(cls, v):
+        import importlib.util
+
+        if v and importlib.util.find_spec("apprise") is None:
+            raise ValueError("notifications need apprise, which is not installed: pip install 'cpt-tui[notify]'")
+        return v
 
     @model_validator(mode="after")
     def _references(self):

@@ -59,6 +59,7 @@ from engine.metrics import SpikeWatch, StepTimer
 from engine.rules import check_new_rows, check_stage_processes
 from engine.schedule import Schedule
 from engine.spec import MIXED_PRECISION, MixtureSpec, StageSpec
+from engine.trackers import with_trackers
 from engine.trainable import RowGuard, apply_patterns, apply_trainable, param_groups
 
 EXIT_STOPPED = 75
@@ -174,6 +175,7 @@ class Trainer:
         self.dist = Dist(self.accelerator.device)
         self.rank, self.world = self.dist.rank, self.dist.world
         self.ev = EventWriter(self.layout.events, st.name, enabled=self.rank == 0)
+        self.ev = with_trackers(self.ev, cfg, self.rank)  # metric/eval events also go to the preset's trackers
         try:
             if self.refusal:
                 raise DeviceError(self.refusal)

@@ -22,17 +22,21 @@ COMMANDS = {
     "logs": "runs:cmd_logs", "runs": "runs:cmd_runs", "show": "runs:cmd_show", "ui": "runs:cmd_ui",
     "plan": "plan:cmd_plan", "prep": "prep:cmd_prep", "vocab": "vocab:cmd_vocab", "doctor": "doctor:cmd_doctor",
     "eval": "evaluate:cmd_eval",
+    "presets": "presets_cmd:cmd_presets", "serve": "serve:cmd_serve",
 }
+UI_EXTRA = ("textual", "textual_plot", "textual_hires_canvas", "ruamel", "rich", "textual_serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cpt-tui", description="Continual-pretraining run manager.")
-    ap.add_argument("--run", metavar="PRESET", help="run a preset headless (a name under presets/ or a path)")
+    ap.add_argument("--run", metavar="PRESET", help="run a preset headless (a name, see `cpt-tui presets`, or a path)")
     ap.add_argument("--db", metavar="PATH", help="SQLite database (default: $CPT_TUI_DB or the user data dir)")
     ap.add_argument("--detach", action="store_true", help="with --run: start the run and return at once (prints its id)")
     ap.add_argument("--max-restarts", type=int, metavar="N", help="with --run: restarts of a crashed stage (default 3)")
     ap.add_argument("--restart-backoff", type=float, metavar="S",
                     help="with --run: seconds before the first restart, doubled each time (default 10)")
+    ap.add_argument("--notify", action="append", metavar="URL", help="with --run: an apprise URL to notify "
+                    "(stage done, run done/failed/stopped, NaN, loss spike, restart limit); repeatable")
     ap.add_argument("--telemetry-interval", type=float, metavar="S",
                     help="with --run: seconds between node telemetry samples, 0 = off (default 2)")
     ap.add_argument("--from-stage", metavar="NAME", help="with --run: run the plan from this stage (the stages "
@@ -56,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prep", help="prepare a preset's data (tokenize, pack, shards) with a progress bar")
     p.add_argument("preset")
     p.add_argument("--workers", type=int, metavar="N", help="tokenizer processes (default: one per core)")
+    p = sub.add_parser("presets", help="list the presets a name can refer to (user and shipped)")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("serve", help="the UI in a browser (textual-serve), on loopback unless --public")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8566, help="port (default 8566)")
+    p.add_argument("--public", action="store_true", help="allow a non-loopback --host (anyone who reaches it "
+                   "controls your runs: there is no authentication)")
     p = sub.add_parser("runs", help="list runs")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("vocab", help="only the vocabulary extension of a preset; print its report")
@@ -96,3 +107,9 @@ def main(argv=None) -> int:
         return EXIT_INVALID
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in UI_EXTRA:
+            raise
+        print(f"error: {e.name} is not installed: the terminal UI needs the ui extra "
+              "(pip install 'cpt-tui[ui]'; `cpt-tui serve` also needs 'cpt-tui[serve]')", file=sys.stderr)
+        return EXIT_INVALID

@@ -120,8 +120,11 @@ def cmd_run(a) -> int:
 
     db = paths.db_path(a.db)
     S.adopt_orphans(db)
-    run_id = S.start_detached(a.run, db, from_stage=getattr(a, "from_stage", None),
-                              init_from=getattr(a, "init_from", None), **_run_options(a))
+    from cpt_tui.notify import passed_to_supervisor  # --notify: through its environment, never SQLite
+
+    with passed_to_supervisor(getattr(a, "notify", None)):
+        run_id = S.start_detached(a.run, db, from_stage=getattr(a, "from_stage", None),
+                                  init_from=getattr(a, "init_from", None), **_run_options(a))
     if a.detach:
         print(run_id)
         return 0
