@@ -209,7 +209,8 @@ def test_ssh_preflight_probes_each_node(sshd_loopback):
     assert str(e.value).splitlines() == [l for l in str(e.value).splitlines() if l.startswith("node node-b: ")]
     assert "torch sees no CUDA" in str(e.value) and "node-a" not in str(e.value)
     assert b.reports["node-a"]["cuda_device_count"] == 2 and b.reports["node-b"]["cuda_device_count"] == 0
-    nodes[1] = NodeSpec(host="node-b", workdir="/", python=PY, env={"PYTHONPATH": str(ROOT), "CPT_FAKE_GPU_COUNT": "2"})
+    nodes = [nodes[0].model_copy(update={"address": "127.0.0.1"}),
+             NodeSpec(host="node-b", workdir="/", python=PY, env={"PYTHONPATH": str(ROOT), "CPT_FAKE_GPU_COUNT": "2"})]
     b = backend_for(ClusterSpec(kind="ssh", nodes=nodes), ssh_config=sshd_loopback.ssh_config, local_env={})
     b.preflight(stages=st)
     cmds = b.commands(st[0], "s.json", "r", write_configs=False)
