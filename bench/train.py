@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 SEQ, MICRO, LR, WD = 256, 8, 1e-3, 0.1
 
 
-def prepare(d: Path) -> dict:
+def prepare(d: Path, vocab: int | None = None, hidden: int = 128, inter: int = 256) -> dict:
     from transformers import AutoTokenizer
 
     from engine.data.builtin import stdlib_prose
@@ -43,8 +43,8 @@ def prepare(d: Path) -> dict:
 
     train_bpe(stdlib_prose(), 2048, d / "tok", max_chars=1_000_000)
     tok = AutoTokenizer.from_pretrained(d / "tok")
-    arch = ArchConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      max_position_embeddings=512)
+    arch = ArchConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=max(512, SEQ), vocab_size=vocab)
     build_from_config(arch, len(tok), d / "model", seed=0, tokenizer=tok)
     man = prepare_source(SourceSpec(path="builtin:stdlib-prose", max_tokens=400_000), "prose",
                          Tokenizer(d / "tok"), d / "prose", tokenizer_fingerprint(d / "tok"))
@@ -75,10 +75,29 @@ def stage_cfg(prep: dict, out: Path, steps: int, **extra) -> tuple[dict, list[st
 THREADS = {}  # OMP_NUM_THREADS for the engine process, when --threads is given
 
 
+PEAK_RSS: list[int] = []  # memory mode: the peak RSS of the last launched contender's processes
+
+
+def _rss_wrapped(argv: list[str]) -> tuple[list[str], Path | None]:
+    """Memory mode: run `argv` under `--maxrss` (a fresh process whose children are only this contender)."""
+    if not MEMORY:
+        return argv, None
+    out = Path(tempfile.mktemp(prefix="cpt-bench-rss-", suffix=".json"))
+    return [sys.executable, __file__, "--maxrss", str(out), "--", *argv], out
+
+
+def _read_rss(out: Path | None) -> None:
+    if out is not None:
+        PEAK_RSS.append(json.loads(out.read_text())["maxrss"])
+        out.unlink()
+
+
 def launch(argv: list[str], out: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **THREADS}
+    argv, rss = _rss_wrapped(argv)
     with open(out / "train.log", "ab") as log:
         subprocess.run(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+    _read_rss(rss)
 
 
 def events(out: Path) -> list[dict]:
@@ -188,10 +207,11 @@ def run_child(kind: str, prep: dict, cfg: dict, steps: int, warm: int, d: Path, 
     """(b) or (c) in a fresh process, like the engine: ((tokens/s, tokens/cpu-s), step times)."""
     job = d / f"child-{kind}-{time.monotonic_ns()}.json"
     job.write_text(json.dumps({"kind": kind, "prep": prep, "cfg": cfg, "steps": steps, "warm": warm,
-                               "dir": str(d), "threads": threads}))
+                               "dir": str(d), "threads": threads, "shape": (SEQ, MICRO)}))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", **THREADS}
-    subprocess.run([sys.executable, __file__, "--child", str(job)], env=env, cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv, rss = _rss_wrapped([sys.executable, __file__, "--child", str(job)])
+    subprocess.run(argv, env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _read_rss(rss)
     r = json.loads(job.with_suffix(".out").read_text())
     return tuple(r["tput"]), r["steps"]
 
@@ -200,6 +220,8 @@ def child(path: str) -> None:
     import torch
 
     job = json.loads(Path(path).read_text())
+    global SEQ, MICRO
+    SEQ, MICRO = job.get("shape", (SEQ, MICRO))
     torch.set_num_threads(job["threads"])  # the same intra-op threads as the engine process had
     xs = batches(job["cfg"], job["steps"])
     if job["kind"] == "hand":
@@ -209,15 +231,77 @@ def child(path: str) -> None:
     Path(path).with_suffix(".out").write_text(json.dumps({"tput": tput, "steps": st}))
 
 
+MEMORY = False
+MEM_VOCAB, MEM_HIDDEN, MEM_INTER, MEM_SEQ = 128_256, 128, 256, 2048
+
+
+def maxrss(out: str, argv: list[str]) -> None:
+    """Run argv; write the largest peak RSS among its (waited-for) processes."""
+    import resource
+
+    rc = subprocess.run(argv).returncode
+    Path(out).write_text(json.dumps({"maxrss": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
+    sys.exit(rc)
+
+
+def memory_mode(a) -> None:
+    """Issue 18 item 3: peak RSS and tokens/s of the three contenders at a production vocabulary."""
+    import statistics
+
+    from engine import memory as M
+    from engine.spec import StageSpec
+
+    global SEQ, MICRO, MEMORY
+    SEQ, MICRO, MEMORY = MEM_SEQ, a.micro, True
+    names = {"engine": "engine (accelerate launch)", "hand": "handwritten loop", "hf": "HF Trainer (run_clm)"}
+    with tempfile.TemporaryDirectory(prefix="cpt-bench-mem-") as tmp:
+        d = Path(tmp)
+        prep = prepare(d, vocab=MEM_VOCAB, hidden=MEM_HIDDEN, inter=MEM_INTER)
+        cfg, _ = stage_cfg(prep, d / "order", a.steps)
+        peak, tput = {}, {}
+        eng, _, threads, st = run_engine(prep, d, a.steps, a.warmup)
+        peak["engine"], tput["engine"] = PEAK_RSS[-1], MICRO * SEQ / statistics.median(st)
+        print(f"engine: peak RSS {peak['engine'] / 2**20:,.0f} MiB, {tput['engine']:,.0f} tok/s", flush=True)
+        for k in ("hf", "hand"):
+            _, st = run_child(k, prep, cfg, a.steps, a.warmup, d, threads)
+            peak[k], tput[k] = PEAK_RSS[-1], MICRO * SEQ / statistics.median(st)
+            print(f"{k}: peak RSS {peak[k] / 2**20:,.0f} MiB, {tput[k]:,.0f} tok/s  (load {os.getloadavg()[0]:.1f})",
+                  flush=True)
+        load = os.getloadavg()
+    arch = M.arch_from_hf({"vocab_size": MEM_VOCAB, "hidden_size": MEM_HIDDEN, "intermediate_size": MEM_INTER,
+                           "num_hidden_layers": 2, "num_attention_heads": 4})
+    stage = StageSpec.model_validate(cfg["stage"])
+    est = M.stage_memory(arch, stage, 1)
+    print(f"model: Llama vocab {MEM_VOCAB:,}, hidden {MEM_HIDDEN}, 2 layers ({M.count_params(arch):,} params); "
+          f"batch {MICRO}x{SEQ}; fp32; {threads} thread(s); steps {a.warmup + 1}..{a.steps} timed (median step)")
+    for k, n in names.items():
+        print(f"{n:28s} peak RSS {peak[k] / 2**20:>8,.0f} MiB  {tput[k]:>8,.0f} tok/s")
+    print(f"engine/memory.py estimate (states + step peak, no reserve): "
+          f"{(est['per_process_gpu_bytes'] - est['bytes']['overhead']) / 2**20:,.0f} MiB")
+    print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores")
+    print(f"ratio peak_mem engine/hf_trainer = {peak['engine'] / peak['hf']:.3f}   (target <= 0.5)")
+    print(f"ratio peak_mem engine/handwritten = {peak['engine'] / peak['hand']:.3f}")
+    print(f"ratio engine/hf_trainer (median step, 128k vocab) = {tput['engine'] / tput['hf']:.3f}")
+    print(f"ratio engine/handwritten (median step, 128k vocab) = {tput['engine'] / tput['hand']:.3f}")
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         return child(sys.argv[2])
+    if len(sys.argv) > 4 and sys.argv[1] == "--maxrss" and sys.argv[3] == "--":
+        return maxrss(sys.argv[2], sys.argv[4:])
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for all (default: torch's)")
+    ap.add_argument("--memory", action="store_true", help="peak RSS at a 128k vocabulary, seq 2048 (issue 18 item 3)")
+    ap.add_argument("--micro", type=int, default=1, help="--memory: micro batch (1-2)")
     a = ap.parse_args()
+    if a.memory:
+        if a.threads:
+            THREADS["OMP_NUM_THREADS"] = str(a.threads)
+        return memory_mode(a)
     import statistics
 
     if a.threads:

@@ -40,6 +40,11 @@ async def _open_times(db: Path, run_id: str, repeats: int) -> list[tuple[float, 
     app = CptApp(db, keymap={})
     async with app.run_test(size=(200, 50)) as pilot:
         await pilot.pause(0.5)
+        # the app builds the detail screen while idle after start-up (CptApp._warm_detail): wait for
+        # that as a user's first keypress would, then time the first open
+        while not (app.is_screen_installed("detail") and app.get_screen("detail").is_mounted):
+            await asyncio.sleep(0.01)
+        await pilot.pause(0.2)
         for i in range(repeats + 1):
             # the first open builds the detail screen; later ones reuse it (as the app does), so
             # alternate with a small run to make every measured open load the 1M-point run afresh
@@ -103,11 +108,14 @@ def main() -> int:
         times = asyncio.run(_open_times(db, run_id, a.repeats))
         first, times = times[0], times[1:]
         best = min(t for t, _ in times)
-        print(f"first open (builds the screen): {first[0] * 1000:.0f} ms (data {first[1] * 1000:.0f} ms)")
+        print(f"first open (screen built while idle after start-up): {first[0] * 1000:.0f} ms "
+              f"(data {first[1] * 1000:.0f} ms)")
         print("open run-detail: " + ", ".join(f"{t * 1000:.0f} ms (data {f * 1000:.0f} ms)" for t, f in times))
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-        print(f"ratio open/target = {best / OPEN_TARGET_S:.2f}  (best of {a.repeats}: {best * 1000:.0f} ms, target "
-              f"{OPEN_TARGET_S * 1000:.0f} ms)")
+        print(f"ratio open/target = {best / OPEN_TARGET_S:.2f}  (reopen, best of {a.repeats}: {best * 1000:.0f} ms, "
+              f"target {OPEN_TARGET_S * 1000:.0f} ms)")
+        print(f"ratio first_open/target = {first[0] / OPEN_TARGET_S:.2f}  (first open after start-up: "
+              f"{first[0] * 1000:.0f} ms, target {OPEN_TARGET_S * 1000:.0f} ms)")
 
         live_db = Path(tmp) / "live.db"
         sample_db.build(live_db)

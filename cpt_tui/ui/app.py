@@ -79,6 +79,15 @@ class CptApp(App):
         except Exception:
             self.draft = None
         self.switch_mode("runs")
+        # Build the run-detail screen while the app is idle: its first open then costs what a reopen
+        # costs (reading the run and painting), not also composing and styling ~30 widgets.
+        self.call_after_refresh(self._warm_detail)
+
+    def _warm_detail(self) -> None:
+        if self.is_screen_installed("detail"):
+            return
+        self.install_screen(RunDetailScreen(""), "detail")
+        self._get_screen("detail")  # Textual: registers the screen (compose + mount), not pushed
 
     # ------------------------------------------------------------------ shared state
     def load_draft(self, ref: str) -> Draft:

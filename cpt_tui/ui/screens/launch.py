@@ -51,15 +51,22 @@ def launchable(preset_ref: str, target: str) -> Path:
 
 
 def dry_run(preset_path: Path) -> str:
+    return dry_run_parts(preset_path)[0]
+
+
+def dry_run_parts(preset_path: Path) -> tuple[str, str]:
+    """(the plan and the commands, the memory / ETA summary per stage: engine.memory via the plan)."""
     from cpt_tui import backends
     from cpt_tui.presets import load_checked
+    from engine.memory import format_memory
     from engine.plan import format_plan
 
     path, preset, plan = load_checked(str(preset_path), check_paths=False)
     out = [format_plan(plan)]
     for name, text in backends.dry_run(preset).items():
         out.append(f"\n# commands for stage {name}:\n{text}")
-    return "\n".join(out)
+    mem = [f"[{st['index'] + 1}] {st['name']}: {format_memory(st.get('memory'))}" for st in plan["stages"]]
+    return "\n".join(out), "\n".join(mem)
 
 
 class LaunchScreen(Screen):
@@ -78,6 +85,7 @@ class LaunchScreen(Screen):
             yield Button("Dry run", id="dry-run")
             yield Button("Launch", id="launch", variant="success")
         yield Note("", id="launch-status")
+        yield Static("", id="launch-memory")  # per process: memory per stage, verdict, ETA (engine.memory)
         yield VerticalScroll(Static("", id="commands"), id="commands-scroll")
         yield KeysFooter()
 
@@ -100,12 +108,14 @@ class LaunchScreen(Screen):
     @work(thread=True, exclusive=True, group="launch")
     def _dry(self, ref: str, target: str) -> None:
         try:
-            text = dry_run(launchable(ref, target))
-            self.app.call_from_thread(self._show, text, "dry run: nothing was started", False)
+            text, memory = dry_run_parts(launchable(ref, target))
+            self.app.call_from_thread(self._show, text, "dry run: nothing was started", False, memory)
         except Exception as e:
             self.app.call_from_thread(self._show, None, str(e), True)
 
-    def _show(self, text: Optional[str], status: str, error: bool) -> None:
+    def _show(self, text: Optional[str], status: str, error: bool, memory: Optional[str] = None) -> None:
+        if memory is not None:
+            self.query_one("#launch-memory", Static).update(Text(memory))
         if text is not None:
             self.query_one("#commands", Static).update(Text(text))
         self.query_one("#launch-status", Note).set(status, error)
