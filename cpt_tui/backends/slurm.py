@@ -320,7 +320,7 @@ class SlurmBackend(Backend):
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ preflight
-    def preflight(self, timeout: float = 10) -> None:
+    def preflight(self, timeout: float = 10, stages=()) -> None:
         r = self._run(["sinfo", "-h", "-o", "%P"], timeout=timeout + 20)
         where = f" on {self.spec.login}" if self.spec.login else ""
         if r.returncode != 0:
