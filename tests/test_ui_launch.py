@@ -65,7 +65,9 @@ def test_launch_from_ui_runs_to_completion_with_curves(tmp_path, shared_cache, m
             scr.query_one("#launch-preset", Input).value = str(preset)
             await pilot.click("#dry-run")
             await until(pilot, lambda: "accelerate.commands.launch" in str(scr.query_one("#commands").render()), 60)
-            assert "--cpu" in str(scr.query_one("#commands").render())
+            # the trainer picks its device on the node (issue 20): the launcher sends no --cpu of its own
+            assert "-m engine.train" in str(scr.query_one("#commands").render()) and \
+                "--cpu" not in str(scr.query_one("#commands").render())
             await pilot.click("#launch")
             await until(pilot, lambda: scr.launched is not None, 120)
             run_id = scr.launched
