@@ -149,19 +149,24 @@ def cached_train_tokens(preset: Preset, cache: Path) -> dict[str, int]:
         except DataError:  # unset ${VAR} or missing files: not prepared here
             continue
         best = None
-        for man_path in (cache / "prepared").glob(f"{name}-*/manifest.json"):
-            try:
-                man = json.loads(man_path.read_text())
-            except (OSError, ValueError):
-                continue
-            if man.get("spec_fingerprint") != sfp or man.get("format_version") != FORMAT_VERSION:
-                continue
+        for man_path, man in _cached_manifests(cache, name, sfp):
             rank = (bool(tok_fp) and man["tokenizer_fingerprint"].startswith(tok_fp), man_path.stat().st_mtime)
             if best is None or rank > best[0]:
                 best = (rank, man["train"]["tokens"])
         if best is not None:
             out[name] = best[1]
     return out
+
+
+def _cached_manifests(cache: Path, name: str, sfp: str):
+    """(path, manifest) of each complete preparation of source `name` with spec fingerprint `sfp` in `cache`."""
+    for man_path in (cache / "prepared").glob(f"{name}-*/manifest.json"):
+        try:
+            man = json.loads(man_path.read_text())
+        except (OSError, ValueError):
+            continue
+        if man.get("spec_fingerprint") == sfp and man.get("format_version") == FORMAT_VERSION:
+            yield man_path, man
 
 
 def cached_long_docs(preset: Preset, cache: Path) -> dict:
@@ -179,13 +184,7 @@ def cached_long_docs(preset: Preset, cache: Path) -> dict:
                 sfp = spec_fingerprint(effective_spec(preset, name))
             except DataError:
                 continue
-            for man_path in sorted((cache / "prepared").glob(f"{name}-*/manifest.json"), key=lambda p: -p.stat().st_mtime):
-                try:
-                    man = json.loads(man_path.read_text())
-                except (OSError, ValueError):
-                    continue
-                if man.get("spec_fingerprint") != sfp or man.get("format_version") != FORMAT_VERSION:
-                    continue
+            for man_path, man in sorted(_cached_manifests(cache, name, sfp), key=lambda m: -m[0].stat().st_mtime):
                 starts = open_boundaries(man_path.parent)
                 if starts is None:
                     break
