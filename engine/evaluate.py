@@ -264,16 +264,9 @@ def run(args, tm=None) -> tuple[dict | None, int]:
 
 # ----------------------------------------------------------------------------- events
 
-# The `benchmark` event the manager would ingest (one per result row; not yet in engine/events.py SCHEMA,
-# so it is emitted only once the schema has it):
-#   benchmark  task, status: ok|failed, [metric] [value] [stderr] [n_shot] [limit] [n_samples]
-#              [requested] [reason] [model] [seconds]
+# The `benchmark` event (engine/events.py SCHEMA): one per result row of this process's output.
 def emit_events(writer, doc: dict) -> int:
     """One `benchmark` event per metric of an ok task, one per failed task. Returns how many."""
-    from engine import events
-
-    if "benchmark" not in events.SCHEMA:
-        return 0
     n = 0
     for t in doc["tasks"]:
         base = {"task": t["task"], "requested": t["requested"], "status": t["status"], "model": doc["model"]}

@@ -586,8 +586,9 @@ class Trainer:
         state_dict = None
         dt = self.model_dtype  # the export is in model.dtype (README "GPU readiness")
         if self.ds and self.stage.zero_stage == 3:
-            state_dict = self.accelerator.get_state_dict(self.model)  # collective gather
-            state_dict = {k: v.to(dt) if v.is_floating_point() else v for k, v in state_dict.items()}
+            state_dict = self.accelerator.get_state_dict(self.model)  # collective gather, to rank 0 only
+            if state_dict is not None:  # other ranks get None
+                state_dict = {k: v.to(dt) if v.is_floating_point() else v for k, v in state_dict.items()}
         if self.rank == 0:
             final, tmp = self.layout.final, self.layout.tmp_final
             shutil.rmtree(tmp, ignore_errors=True)

@@ -125,8 +125,14 @@ def events(out: Path) -> list[dict]:
 
 
 def log_tail(out: Path, n: int = 40) -> str:
+    """The log's last lines, led by the first rank's traceback (the launcher's own, last, hides the cause)."""
     p = out / "train.log"
-    return "\n".join(p.read_text(errors="replace").splitlines()[-n:]) if p.exists() else ""
+    if not p.exists():
+        return ""
+    lines = p.read_text(errors="replace").splitlines()
+    first = next((i for i, l in enumerate(lines) if l.startswith("[rank") and "Traceback" in l), None)
+    head = lines[first:first + n] + ["..."] if first is not None else []
+    return "\n".join(head + lines[-n:])
 
 
 def losses(out: Path) -> dict[int, float]:
