@@ -1,18 +1,26 @@
 """Peak-RSS increase of one forward + backward of a Llama on CPU (fp32, SDPA), in a fresh process
 (launched by test_memory_model.py and bench/train.py with a JSON job). Gradients exist beforehand (as in
 any step after the first with accumulation), so the increase is the activations + the loss buffer.
-Prints {"increase": bytes} as its last line."""
+Prints {"increase": bytes} as its last line.
+
+The peak is the kernel's VmHWM, reset just before the step (`5` to /proc/self/clear_refs), not
+ru_maxrss: Linux carries ru_maxrss over execve, so a child of a large pytest process starts with its
+parent's RSS as its "peak" and the increase would depend on what the suite had loaded before."""
 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 
 
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) * 1024
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
 
 
 def main(job: dict) -> None:
@@ -31,13 +39,14 @@ def main(job: dict) -> None:
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     x = torch.randint(0, job["arch"]["vocab_size"], (job["micro"], job["seq"]))
-    base = max(rss_now(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    reset_peak()
+    base = status_kb("VmRSS")
     if head is None:
         loss = model(input_ids=x, labels=x, use_cache=False).loss
     else:
         loss = linear_cross_entropy(model(input_ids=x, use_cache=False).logits, head.weight, shifted_targets(x))
     loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status_kb("VmHWM")
     print(json.dumps({"increase": peak - base, "base": base, "peak": peak}))
 
 
