@@ -21,8 +21,19 @@ One tracker run per cpt-tui run; stages continue it:
   notification URLs (secrets stay where they were: W&B reads WANDB_API_KEY from the environment).
 
 A tracker that fails (cannot start, or a log call raises) is dropped with one `warning` event
-(kind `tracker`): a tracker never stops a run. Step offsets after a crash-restart: steps redone since
-the last checkpoint are logged again (W&B ignores steps lower than one it has).
+(kind `tracker`): a tracker never stops a run.
+
+Redone steps (a restart from the last checkpoint re-runs the steps after it): each step is shown once.
+The trackers start when the attempt's `running` event says from which step it trains; the stage's
+events log says up to which step earlier attempts logged.
+- TensorBoard shows the latest attempt: its writer opens with `purge_step` (readers drop what earlier
+  attempts wrote at or after it).
+- MLflow would append a second value (it cannot delete one): it is not sent the steps it has (it writes
+  each value synchronously), so it keeps the earlier attempt's values (bit-identical on a
+  deterministic run; otherwise they differ from the store's latest attempt by the run's nondeterminism).
+- W&B is sent everything: it ignores steps below the run's current one (a resumed online run starts at
+  the server's last step), and what its service had not written when the trainer was killed -9 is
+  lost with it (offline, the killed attempt's file held nothing), so the redone steps fill that gap.
 """
 
 from __future__ import annotations
@@ -63,14 +74,16 @@ def _mlflow_existing_run(experiment: str, run_id: str) -> Optional[str]:
     return runs[0].info.run_id if runs else None
 
 
-def build(spec: dict, block: dict):
-    """One started accelerate tracker for `spec` (a TrackerSpec dump)."""
+def build(spec: dict, block: dict, purge_step: Optional[int] = None):
+    """One started accelerate tracker for `spec` (a TrackerSpec dump). `purge_step` (TensorBoard): hide
+    what earlier writers logged at steps >= it."""
     run_id, run_dir, stage = block["run_id"], block["run_dir"], block["stage_name"]
     kind = spec["kind"]
     if kind == "tensorboard":
         from accelerate.tracking import TensorBoardTracker
 
-        t = TensorBoardTracker(run_id, spec.get("dir") or str(Path(run_dir, "tensorboard")))
+        kw = {} if purge_step is None else {"purge_step": purge_step}
+        t = TensorBoardTracker(run_id, spec.get("dir") or str(Path(run_dir, "tensorboard")), **kw)
     elif kind == "wandb":
         from accelerate.tracking import WandBTracker
 
@@ -103,33 +116,61 @@ def build(spec: dict, block: dict):
 # --------------------------------------------------------------------------- logging
 
 
-class Trackers:
-    """The run's trackers in this stage (rank 0). `warn(message)` records a tracker failure."""
+def logged_upto(events_path) -> int:
+    """The last step whose metric / eval an earlier attempt of this stage logged (0: none)."""
+    from engine.events import read_events
 
-    def __init__(self, block: dict, warn: Callable[[str], None], builder=build):
+    recs, _ = read_events(events_path)
+    return max((int(r["step"]) for r in recs if r["type"] in ("metric", "eval")), default=0)
+
+
+class Trackers:
+    """The run's trackers in this stage (rank 0). `warn(message)` records a tracker failure. `logged`:
+    the step up to which earlier attempts of the stage logged (see the module docstring)."""
+
+    def __init__(self, block: dict, warn: Callable[[str], None], builder=build, logged: int = 0):
         self.block = block
         self.warn = warn
+        self.builder = builder
+        self.logged = logged
         self.step_offset = int(block.get("step_offset") or 0)
         self.tokens_offset = int(block.get("tokens_offset") or 0)
         self.stage_index = int(block.get("stage_index") or 0)
         self.last = (0, 0)  # (step, tokens) of the stage, from the last metric / eval
         self.active: list = []
+        self.skip_upto: dict[int, int] = {}  # id(tracker) -> steps at or below it are not sent
+        self.started = False
         self._staged = False
-        for spec in block.get("trackers", []):
+
+    def begin(self, start_step: int) -> None:
+        """Start the trackers for an attempt that trains from `start_step` (its `running` event)."""
+        if self.started:
+            return
+        self.started = True
+        redone = self.logged > start_step
+        for spec in self.block.get("trackers", []):
             try:
-                t = builder(spec, block)
+                purge = spec["kind"] == "tensorboard" and redone
+                t = (self.builder(spec, self.block, purge_step=self.step_offset + start_step + 1) if purge
+                     else self.builder(spec, self.block))
                 if t.name != "tensorboard" or self.stage_index == 0:  # TensorBoard: a new sub-run each time
-                    t.store_init_configuration(block.get("config") or {})
+                    if not self.logged:
+                        t.store_init_configuration(self.block.get("config") or {})
+                # values at steps <= skip_upto are not sent (see the module docstring)
+                self.skip_upto[id(t)] = self.logged if spec["kind"] == "mlflow" else start_step
                 self.active.append(t)
             except Exception as e:  # noqa: BLE001  (a tracker never stops the run)
                 self.warn(f"tracker {spec.get('kind')}: could not start ({type(e).__name__}: {e}); "
                           "training continues without it")
 
     def _log(self, step: int, tokens: int, values: dict) -> None:
+        self.begin(self.logged)  # (a metric before any `running` event: nothing is redone)
         self.last = (step, tokens)
         gstep = self.step_offset + step
         values = {**values, "tokens": self.tokens_offset + tokens, "stage_index": self.stage_index}
         for t in list(self.active):
+            if step <= self.skip_upto.get(id(t), 0):
+                continue  # an earlier attempt logged this step to this tracker
             try:
                 if not self._staged and t.name == "tensorboard":
                     t.log({"stage": f"{self.stage_index}: {self.block.get('stage_name')}"}, step=gstep)
@@ -180,7 +221,9 @@ class TrackedWriter:
     def emit(self, type: str, **fields):
         out = self._writer.emit(type, **fields)
         tr = self.trackers
-        if type == "metric":
+        if type == "status" and fields.get("state") == "running":
+            tr.begin(int(fields.get("step") or 0))
+        elif type == "metric":
             tr.log_metric(fields["step"], fields["tokens"],
                           {k: v for k, v in fields.items() if k not in _METRIC_SKIP})
         elif type == "eval":
@@ -196,9 +239,11 @@ class TrackedWriter:
 
 
 def with_trackers(writer, cfg: dict, rank: int):
-    """`writer` itself without trackers or off rank 0; else a TrackedWriter (trackers started now)."""
+    """`writer` itself without trackers or off rank 0; else a TrackedWriter (trackers start with the
+    attempt's `running` event)."""
     block = cfg.get("trackers")
     if rank != 0 or not block or not block.get("trackers"):
         return writer
-    trackers = Trackers(block, lambda msg: writer.emit("warning", kind="tracker", message=msg))
+    trackers = Trackers(block, lambda msg: writer.emit("warning", kind="tracker", message=msg),
+                        logged=logged_upto(writer.path))
     return TrackedWriter(writer, trackers)

@@ -1,7 +1,8 @@
 """Checkpoints by default: a stage without a `checkpoint:` block checkpoints every 30 minutes of
 training time (here a test-only interval of 3 s, CPT_TEST_CHECKPOINT_MINUTES) and at its end; killed
 with -9 after its first time-based checkpoint it resumes from it. After that kill, show --json and the
-curves' data (Store.metric_buckets) have each step exactly once; the history keeps both attempts."""
+curves' data (Store.metric_buckets) and the trackers (TensorBoard, W&B offline, MLflow file store) have
+each step exactly once; the history keeps both attempts."""
 
 from __future__ import annotations
 
@@ -40,7 +41,10 @@ def test_kill9_after_a_time_based_checkpoint_resumes_from_it(cpt_home, tmp_path)
     d = yaml.safe_load(path.read_text())
     del d["stages"][0]["checkpoint"]
     d["stages"][0]["log_every"] = 1
+    d["trackers"] = [{"kind": "tensorboard"}, {"kind": "wandb", "project": "cpt", "mode": "offline"},
+                     {"kind": "mlflow", "experiment": "cpt"}]
     path.write_text(yaml.safe_dump(d, sort_keys=False))
+    env.update(WANDB_SILENT="true", WANDB_MODE="offline")
     plan = run_cli(["plan", str(path)], env)
     assert "checkpoints: every 30 min (default) and at the end" in plan.stdout, plan.stdout
     run_id = start(env, path, "--max-restarts", "2", "--restart-backoff", "0.5", "--telemetry-interval", "0")
@@ -75,3 +79,32 @@ def test_kill9_after_a_time_based_checkpoint_resumes_from_it(cpt_home, tmp_path)
         assert all(by_step[s].attempt == 2 for s in redone)
         ext = st.metric_extent(run_id, "s1")
         assert (ext["first_step"], ext["last_step"]) == (1, 200)
+    _trackers_hold_each_step_once(run_dir, run_id, [(s, by_step[s].loss) for s in range(1, 201)], last_ck["step"])
+
+
+def _trackers_hold_each_step_once(run_dir: Path, run_id: str, want: list[tuple[int, float]], resumed: int) -> None:
+    """TensorBoard and MLflow have every step once, with the store's (latest-attempt) loss (bit-identical
+    to the first attempt's on this deterministic CPU run). W&B: each step at most once under its own rule
+    (a step below the run's current one is ignored), every step after the checkpoint the restart resumed
+    from; the killed attempt's unwritten W&B records die with it (engine/trackers.py)."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.test_trackers import _wandb_history
+
+    ea = EventAccumulator(str(run_dir / "tensorboard" / run_id), size_guidance={"scalars": 0})
+    ea.Reload()
+    f32 = np.float32
+    assert [(e.step, f32(e.value)) for e in ea.Scalars("train/loss")] == [(s, f32(x)) for s, x in want]
+    _, hist = _wandb_history(run_dir)
+    kept: list[tuple[int, float]] = []
+    for h in hist:
+        if "train/loss" in h and (not kept or h["_step"] > kept[-1][0]):
+            kept.append((h["_step"], h["train/loss"]))
+    assert set(kept) <= set(want) and [s for s, _ in kept if s > resumed] == list(range(resumed + 1, 201))
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("cpt").experiment_id])
+    got = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(got) == want

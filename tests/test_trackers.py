@@ -83,6 +83,44 @@ def test_tracked_writer_logs_metrics_and_evals_with_offsets_and_survives_a_faili
     assert [t for t, _ in w.events].count("metric") == 1  # the event log got everything
 
 
+def test_a_restarted_attempt_logs_each_step_once(tmp_path):
+    """An attempt resumed at step 4 after an earlier one logged up to step 6: TensorBoard opens with
+    purge_step (it shows the new attempt's 5..8), MLflow is sent only 7..8, W&B all of 5..8 (it drops
+    steps below its own); the config is not stored again."""
+    from engine.events import EventWriter
+    from engine.trackers import with_trackers
+
+    events = tmp_path / "events.jsonl"
+    first = EventWriter(events, "s1")
+    for step in range(1, 7):
+        first.emit("metric", step=step, tokens=step * 10, loss=1.0, lr=1e-3, tokens_per_s=1.0)
+    first.emit("eval", step=6, tokens=60, domain="d", loss=2.0)
+    first.close()
+    made, kwargs = [], []
+
+    def builder(spec, block, **kw):
+        kwargs.append((spec["kind"], kw))
+        made.append(FakeTracker(spec["kind"]))
+        return made[-1]
+
+    cfg = {"trackers": {"run_id": "r", "run_dir": str(tmp_path), "stage_index": 0, "stage_name": "s1",
+                        "step_offset": 100, "trackers": [{"kind": "tensorboard"}, {"kind": "mlflow"}, {"kind": "wandb"}],
+                        "config": {"seed": 1}}}
+    w = with_trackers(EventWriter(events, "s1"), cfg, 0)
+    assert w.trackers.logged == 6 and not w.trackers.active  # nothing starts before the running event
+    w.trackers.builder = builder
+    w.emit("status", state="running", step=4)
+    for step in range(5, 9):
+        w.emit("metric", step=step, tokens=step * 10, loss=0.5, lr=1e-3, tokens_per_s=1.0)
+    w.close()
+    assert kwargs == [("tensorboard", {"purge_step": 105}), ("mlflow", {}), ("wandb", {})]
+    tb, ml, wb = made
+    assert [s for s, v in tb.logged if "train/loss" in v] == [105, 106, 107, 108]
+    assert [s for s, v in ml.logged if "train/loss" in v] == [107, 108]
+    assert [s for s, v in wb.logged if "train/loss" in v] == [105, 106, 107, 108]
+    assert tb.config is None and ml.config is None and wb.config is None  # stored by the first attempt
+
+
 def test_no_trackers_or_not_rank0_leaves_the_writer_alone():
     from engine.trackers import with_trackers
 
