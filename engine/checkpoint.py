@@ -282,7 +282,7 @@ class Checkpointer:
                                        load_lr_scheduler_states=False)
         elif not self.ds and (path / "optimizer.pt").exists():
             try:
-                pass  # BREAK: resume with a fresh optimizer
+                self.optimizer.load_state_dict(torch_load(path / "optimizer.pt"))
             except ValueError as e:
                 if own:
                     raise
