@@ -14,19 +14,19 @@ parameters per token + attention (causal: 6 · layers · seq · attention width 
 and backward), × 4/3 forward again under gradient checkpointing; at an assumed MFU of a given peak
 until a measured throughput exists.
 
-Parameter names follow Hugging Face's Llama-family modules so `trainable.include/exclude` regexes
-and LoRA `target_modules` select what they select in the real model.
+The architecture and its parameter shapes come from engine/arch.py (their one home).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
+
+from engine.arch import (Arch, arch_from_hf, arch_from_spec, base_arch, count_params, extended,  # noqa: F401
+                         numel, param_shapes, with_vocab)
 
 GiB = 1024**3
 # engine/loss.py:PLAIN_HEAD_FAMILIES (that module imports torch)
@@ -35,143 +35,18 @@ ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 STEP_BYTES = 4  # AdamW's `step`: one fp32 scalar tensor per parameter tensor
 
 
-@dataclass(frozen=True)
-class Arch:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    tie_word_embeddings: bool = False
-    family: str = "llama"
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False
-
-    @property
-    def q_width(self) -> int:
-        return self.num_attention_heads * self.head_dim
-
-    @property
-    def kv_width(self) -> int:
-        return self.num_key_value_heads * self.head_dim
-
-
-def arch_from_hf(cfg: dict) -> Arch:
-    """From a Hugging Face config.json (Llama, Mistral, Qwen2/3, OLMo, SmolLM3-style decoders)."""
-    if "text_config" in cfg and "hidden_size" not in cfg:
-        cfg = cfg["text_config"]
-    heads = cfg["num_attention_heads"]
-    family = cfg.get("model_type", "llama")
-    return Arch(
-        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=heads,
-        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), family=family,
-        attention_bias=bool(cfg.get("attention_bias", family == "qwen2")), mlp_bias=bool(cfg.get("mlp_bias", False)),
-        qk_norm=family in ("qwen3", "olmo2"))
-
-
-def arch_from_spec(arch, vocab_size: int) -> Arch:
-    """From a preset's `model.config` (engine.spec.ArchConfig), as engine/model.py builds it."""
-    return Arch(vocab_size=arch.vocab_size or vocab_size, hidden_size=arch.hidden_size,
-                intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_hidden_layers,
-                num_attention_heads=arch.num_attention_heads,
-                num_key_value_heads=arch.num_key_value_heads or arch.num_attention_heads,
-                head_dim=arch.hidden_size // arch.num_attention_heads, tie_word_embeddings=arch.tie_word_embeddings)
-
-
-def _config_json(ref: str) -> Optional[dict]:
-    from engine.data.sources import expand_path
-
-    try:
-        p = Path(expand_path(ref)) / "config.json"
-    except Exception:
-        p = Path(ref) / "config.json"
-    if not p.is_file():
-        try:  # a hub id already in the local cache (never downloads)
-            from huggingface_hub import try_to_load_from_cache
-            hit = try_to_load_from_cache(ref, "config.json")
-            p = Path(hit) if isinstance(hit, str) else None
-        except Exception:
-            p = None
-    if p is None:
-        return None
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def preset_arch(preset, vocab_size: Optional[int] = None) -> Optional[Arch]:
     """The architecture a preset trains, or None when it cannot be known without downloading.
     `vocab_size`: the tokenizer's length when known (built models, extended vocabularies)."""
-    voc = preset.vocabulary
-    if preset.model.config is not None:
-        v = preset.model.config.vocab_size or vocab_size
-        if v is None and preset.tokenizer.train is not None:
-            v = preset.tokenizer.train.vocab_size
-        if v is None:
-            return None
-        arch = arch_from_spec(preset.model.config, v)
-        vocab_size = vocab_size or (None if voc is None else 0)
-    else:
-        cfg = _config_json(preset.model.path)
-        if cfg is None:
-            return None
-        arch = arch_from_hf(cfg)
-    if vocab_size:
-        arch = _with_vocab(arch, vocab_size)
-    elif voc is not None:  # the extended vocabulary (padded as engine/vocab.py pads it)
-        target = voc.target_vocab_size or arch.vocab_size + voc.new_tokens
-        m = voc.pad_to_multiple_of
-        arch = _with_vocab(arch, -(-target // m) * m)
-    return arch
-
-
-def _with_vocab(a: Arch, v: int) -> Arch:
-    return Arch(**{**a.__dict__, "vocab_size": v})
+    a, _ = base_arch(preset)
+    if a is None and vocab_size and preset.model.config is not None:
+        a = arch_from_spec(preset.model.config, vocab_size)
+    if a is None:
+        return None
+    return with_vocab(a, vocab_size) if vocab_size else extended(a, preset)
 
 
 # --------------------------------------------------------------------------- parameters
-
-
-def param_shapes(a: Arch) -> dict[str, tuple[int, ...]]:
-    """Every parameter tensor of the Hugging Face model, by its `named_parameters()` name (tied: once)."""
-    h, i = a.hidden_size, a.intermediate_size
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (a.vocab_size, h)}
-    for n in range(a.num_hidden_layers):
-        p = f"model.layers.{n}."
-        for proj, o, inp in (("q", a.q_width, h), ("k", a.kv_width, h), ("v", a.kv_width, h), ("o", h, a.q_width)):
-            out[f"{p}self_attn.{proj}_proj.weight"] = (o, inp)
-            if a.attention_bias and proj != "o":
-                out[f"{p}self_attn.{proj}_proj.bias"] = (o,)
-        if a.attention_bias and a.family != "qwen2":
-            out[f"{p}self_attn.o_proj.bias"] = (h,)
-        if a.qk_norm:
-            out[f"{p}self_attn.q_norm.weight"] = (a.head_dim,)
-            out[f"{p}self_attn.k_norm.weight"] = (a.head_dim,)
-        for proj, o, inp in (("gate", i, h), ("up", i, h), ("down", h, i)):
-            out[f"{p}mlp.{proj}_proj.weight"] = (o, inp)
-            if a.mlp_bias:
-                out[f"{p}mlp.{proj}_proj.bias"] = (o,)
-        out[f"{p}input_layernorm.weight"] = (h,)
-        out[f"{p}post_attention_layernorm.weight"] = (h,)
-    out["model.norm.weight"] = (h,)
-    if not a.tie_word_embeddings:
-        out["lm_head.weight"] = (a.vocab_size, h)
-    return out
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
-
-
-def count_params(a: Arch) -> int:
-    return sum(numel(s) for s in param_shapes(a).values())
 
 
 def largest_layer_params(a: Arch) -> int:
