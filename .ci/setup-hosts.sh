@@ -8,6 +8,7 @@ missing=""
 command -v ssh >/dev/null 2>&1 || missing="$missing openssh-client"
 command -v ssh-keygen >/dev/null 2>&1 || missing="$missing openssh-client"
 command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+command -v rsync >/dev/null 2>&1 || missing="$missing rsync"  # shared_fs: false (tests/test_ssh_noshare.py)
 command -v tmux >/dev/null 2>&1 || missing="$missing tmux"  # tests/test_ui_tmux.py
 
 if [ -n "$missing" ]; then

@@ -224,7 +224,10 @@ class Supervisor:
         attempt = (self.store.stages(self.run_id)[idx]["attempts"] or 0) + 1
         self.event(state="stage_started", stage_name=st.name, attempt=attempt,
                    commands=self.backend.describe(cmds, started=True))
-        self.backend.prepare_stage(sl)
+        try:
+            self.backend.prepare_stage(sl)  # nodes without a shared disk: push the stage's inputs
+        except LaunchError as e:
+            raise RunFailed(str(e)) from None
         procs = self.backend.start(cmds, sl, attempt)
         self.store.update_stage(self.run_id, idx, status="running", attempts=attempt,
                                 procs=json.dumps([p.to_json() for p in procs]),
@@ -312,6 +315,7 @@ class Supervisor:
                 pass
         # ssh nodes inherit (PROPAGATED_*) from the starting command's environment
         self.backend = backend_for(self.preset.cluster, local_env=starter_env(dict(os.environ)))
+        self.backend.notify = self.event  # node/transfer events of a backend that has them (its own thread)
         if prev["status"] in ("failed", "stopped"):  # `cpt-tui resume`: try again from checkpoints
             for s in self.store.stages(self.run_id):
                 if s["status"] not in ("done", "skipped"):

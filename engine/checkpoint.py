@@ -16,7 +16,16 @@ rank 0 commits | barrier). Every rank fsyncs: on several nodes, rank 0 cannot fl
 
 Reading: rank 0 alone picks the checkpoint to resume from and broadcasts its step (`choose`), so
 every rank loads the same one (a rank deciding by itself could see another directory listing:
-rank 0 deleting temporaries, NFS attribute caching). Every torch.load maps to the CPU: an optimizer
+rank 0 deleting temporaries, NFS attribute caching).
+
+Node-local directories (`node_local_dirs` in the stage JSON: the ssh backend's `shared_fs: false`):
+no node sees another's disk, so each node's first process (LOCAL_RANK 0: the `dir_writer`) makes,
+commits and prunes that node's copy of every checkpoint directory, and writes the replicated files
+(weights, optimizer) there; each rank still writes its own rng-rank{r}.pt (and DeepSpeed partitions).
+Pruning waits for every node's commit (a barrier), so a crash between two nodes' renames leaves the
+previous step complete everywhere. `choose` then takes the newest step complete on EVERY node: each
+writer's complete steps are gathered (one all_gather_object), intersected, and every rank computes
+the same maximum. Every torch.load maps to the CPU: an optimizer
 state saved from GPU 0 would otherwise land on GPU 0 in every rank (8 ranks × 8 B/param, OOM);
 `load_state_dict` then moves it to each parameter's own device.
 """
@@ -152,9 +161,13 @@ class Checkpointer:
     What is saved is set by `bind` once the model and optimizer exist."""
 
     def __init__(self, layout: StageLayout, spec: CheckpointSpec, tokens_per_step: int, dist, ev,
-                 deepspeed: bool):
+                 deepspeed: bool, node_local: bool = False):
         self.layout, self.spec, self.tokens_per_step = layout, spec, tokens_per_step
         self.dist, self.ev, self.ds = dist, ev, deepspeed
+        # Who makes, commits and prunes the checkpoint directories (and writes the replicated files):
+        # rank 0 on a shared run directory; with node-local directories each node's first process.
+        self.node_local = node_local
+        self.dir_writer = dist.rank == 0 or (node_local and int(os.environ.get("LOCAL_RANK", "0")) == 0)
         self.model = self.unwrapped = self.optimizer = self.scaler = None
         self.hf_config = False
         # Time cadence: the default (no cadence in the preset) can be shortened by the tests only.
@@ -208,11 +221,15 @@ class Checkpointer:
 
     def choose(self) -> Optional[Path]:
         """Collective: the checkpoint every rank resumes from: rank 0's latest, its step broadcast
-        (after remove_partial, behind a barrier)."""
+        (after remove_partial, behind a barrier). Node-local directories: the newest step complete
+        on every node (see the module docstring)."""
         self.remove_partial()
         self.dist.barrier()
-        mine = self.latest() if self.dist.rank == 0 else None
-        step = self.dist.broadcast_int(checkpoint_step(mine) if mine is not None else -1)
+        if self.node_local:
+            step = self._common_step()
+        else:
+            mine = self.latest() if self.dist.rank == 0 else None
+            step = self.dist.broadcast_int(checkpoint_step(mine) if mine is not None else -1)
         if step < 0:
             return None
         path = self.layout.checkpoint(step)
@@ -221,25 +238,37 @@ class Checkpointer:
                                "read (is the run directory shared by every node?)")
         return path
 
+    def _common_step(self) -> int:
+        """Node-local directories: the newest step every dir_writer has complete (-1: none)."""
+        mine = [checkpoint_step(p) for p in self.layout.all_checkpoints() if (p / TRAINER_STATE).exists()] \
+            if self.dir_writer else None
+        lists = self.dist.gather_objects(mine) if getattr(self.dist, "world", 1) > 1 else [mine]
+        common = None
+        for steps in lists:
+            if steps is not None:
+                common = set(steps) if common is None else common & set(steps)
+        return max(common) if common else -1
+
     def remove_partial(self) -> None:
-        """Rank 0: delete checkpoints interrupted mid-write (.tmp-step-N)."""
-        if self.dist.rank == 0:
+        """The directory writer(s): delete checkpoints interrupted mid-write (.tmp-step-N)."""
+        if self.dir_writer:
             for stale in self.layout.tmp_checkpoints():
                 shutil.rmtree(stale, ignore_errors=True)
 
     # ------------------------------------------------------------------ writing
     def save(self, step: int, tokens: int, state: Callable[[], dict], rng: Optional[dict] = None) -> Path:
-        """Collective: write checkpoints/step-`step`. `state()` (called on rank 0 only) gives the
-        trainer_state.json fields besides `format`. Prunes to the newest `keep_last`. `rng`: this
+        """Collective: write checkpoints/step-`step`. `state()` (called on the directory writers
+        only) gives the trainer_state.json fields besides `format`. Prunes to the newest `keep_last`. `rng`: this
         rank's RNG states to record (default: now; a stop mid-step gives those at the step's start)."""
         rank, final, tmp = self.dist.rank, self.layout.checkpoint(step), self.layout.tmp_checkpoint(step)
-        if rank == 0:
+        writer = self.dir_writer
+        if writer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.dist.barrier()
         if self.ds:
             self.model.save_checkpoint(str(tmp), tag="engine")  # collective: every rank writes its partition
-        elif rank == 0:
+        elif writer:  # (node-local directories: the replicated weights and optimizer state on every node)
             from safetensors.torch import save_model
 
             save_model(self.unwrapped, str(tmp / "model.safetensors"))
@@ -249,17 +278,21 @@ class Checkpointer:
             if self.hf_config:
                 self.unwrapped.config.save_pretrained(str(tmp))
         torch.save(rng if rng is not None else rng_state(), tmp / f"rng-rank{rank}.pt")
-        if rank != 0:
+        if not writer:
             fsync_tree(tmp)  # this rank's files (on its node: nobody else can flush them)
         self.dist.barrier()
-        if rank == 0:
+        if writer:
             write_json_atomic(tmp / TRAINER_STATE, {"format": CKPT_FORMAT, **state()})
             fsync_tree(tmp)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             fsync_dir(self.layout.checkpoints)
+        if self.node_local:
+            self.dist.barrier()  # every node committed before any prunes: the previous step stays common
+        if writer:
             for old in self.layout.all_checkpoints()[: -self.spec.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
+        if rank == 0:
             self.ev.emit("checkpoint", step=step, path=str(final), tokens=tokens)
         self.dist.barrier()
         self._since = time.monotonic()

@@ -20,6 +20,8 @@ nodes) and by the manager and UI, so it imports nothing heavy (no torch).
         checkpoints/step-N/    complete checkpoints (trainer_state.json written last)
         checkpoints/.tmp-step-N/   one being written
         final/                 the exported Hugging Face model (.tmp-final while written)
+        stage.node-I.json      shared_fs false: the stage JSON as node I sees it (node paths)
+        .push/node-I/          shared_fs false: what is pushed to node I (links into the inputs)
       benchmarks/tasks/        the local lm-eval task set (include_path: builtin:cpt-local)
       benchmarks/TARGET/       one benchmark evaluation (TARGET: a stage name, or base-model)
         results.json           engine/evaluate.py's RESULTS.json
@@ -106,6 +108,14 @@ class StageLayout:
     def job_signalled(self, attempt: int) -> Path:
         """Present when the batch shell got Slurm's pre-time-limit / preemption TERM."""
         return self.root / f"slurm.{attempt}.signalled"
+
+    def node_config(self, index: int) -> Path:
+        """shared_fs false: the stage JSON with node I's paths (pushed to the node as its stage.json)."""
+        return self.root / f"stage.node-{index}.json"
+
+    def push_dir(self, index: int) -> Path:
+        """shared_fs false: node I's push tree (the node paths, linking to the inputs here)."""
+        return self.root / ".push" / f"node-{index}"
 
 
 class BenchmarkLayout:

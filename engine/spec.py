@@ -421,6 +421,10 @@ class ClusterSpec(_Strict):
     env: dict[str, str] = Field(default_factory=dict, description="propagated to every node")
     ssh_options: list[str] = Field(default_factory=list)
     slurm: Optional[SlurmSpec] = None
+    shared_fs: bool = Field(True, description="the run directory is shared with the nodes at the same path; "
+                            "false (ssh): inputs are pushed to each node's workdir with rsync, events streamed "
+                            "back over ssh, final/ pulled at the end of each stage")
+    pull_checkpoints: bool = Field(False, description="shared_fs false: also pull the checkpoints back")
 
     @model_validator(mode="after")
     def _nodes(self):
@@ -430,6 +434,8 @@ class ClusterSpec(_Strict):
             self.slurm = SlurmSpec()
         if self.slurm is not None and self.kind != "slurm":
             raise ValueError("`slurm` is only used with kind: slurm")
+        if not self.shared_fs and self.kind != "ssh":
+            raise ValueError("shared_fs: false needs kind: ssh (local and Slurm runs share the run directory)")
         return self
 
 

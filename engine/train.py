@@ -130,6 +130,14 @@ class Dist:
         if self.on and self.world > 1:
             torch.distributed.barrier()
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if not (self.on and self.world > 1):
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def sum(self, values: list[float], device) -> list[float]:
         """Element-wise sum over ranks, in one collective (a no-op for one process)."""
         t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -218,7 +226,7 @@ class Trainer:
         self.stop_requested = False
         self.faults = Faults()  # test-only (CPT_FAULT_*): nothing happens without them
         self.ckpt = Checkpointer(self.layout, st.checkpoint, st.global_batch_size * st.seq_len, self.dist, self.ev,
-                                 deepspeed=self.ds)
+                                 deepspeed=self.ds, node_local=bool(cfg.get("node_local_dirs")))
 
     def _check_processes(self) -> None:
         acc = self.accelerator

@@ -333,3 +333,102 @@ def netns_nodes():
         if _ip("link", "show", ifs[0], check=False).returncode == 0:
             _ip("link", "del", ifs[0], check=False)
         shutil.rmtree(d, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- nodes with private disks
+
+
+@dataclass
+class PrivateNodes(NetnsNodes):
+    """`NetnsNodes` whose sshd (and so everything started over ssh) runs in its own mount namespace
+    with tmpfs mounts the manager cannot see: `workdirs[alias]` (large) and `small[alias]` (SMALL_BYTES)."""
+
+    workdirs: dict[str, str] = field(default_factory=dict)
+    small: dict[str, str] = field(default_factory=dict)
+
+    def node_shell(self, alias: str, script: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run `script` on the node (inside its private mounts), over ssh."""
+        return self.ssh(alias, script, timeout=timeout)
+
+
+SMALL_BYTES = 256 * 1024
+
+
+@pytest.fixture(scope="session")
+def netns_private_nodes():
+    """Two ssh nodes in network namespaces, each with a private workdir (tmpfs in its own mount
+    namespace): nothing the nodes write there is visible to the manager, as on separate machines."""
+    require(sys.platform.startswith("linux"), "network namespaces need Linux")
+    require(os.geteuid() == 0, "network namespaces need root")
+    require(shutil.which("ip") is not None and shutil.which("unshare") is not None, "`ip` / `unshare` not found")
+    _check_ssh_tools()
+    pid = os.getpid()
+    ns = [f"cpt{pid}p", f"cpt{pid}q"]
+    ifs = [f"cv{pid}p", f"cv{pid}q"]
+    net = f"10.78.{pid % 200}"
+    addrs = [f"{net}.1", f"{net}.2"]
+    aliases = ["node-a", "node-b"]
+    d = Path(tempfile.mkdtemp(prefix="cpt-private-"))
+    created: list[str] = []
+    procs: list[subprocess.Popen] = []
+    work = {al: str(d / al / "work") for al in aliases}
+    small = {al: str(d / al / "small") for al in aliases}
+    try:
+        try:
+            for n in ns:
+                _ip("netns", "add", n)
+                created.append(n)
+        except RuntimeError as e:
+            require(False, f"cannot create network namespaces: {e}")
+        _ip("link", "add", ifs[0], "type", "veth", "peer", "name", ifs[1])
+        for n, i, a in zip(ns, ifs, addrs):
+            _ip("link", "set", i, "netns", n)
+            _ip("-n", n, "addr", "add", f"{a}/24", "dev", i)
+            _ip("-n", n, "link", "set", "lo", "up")
+            _ip("-n", n, "link", "set", i, "up")
+        host_key, key = _keys(d)
+        user = getpass.getuser()
+        port = 2222
+        for n, a, al in zip(ns, addrs, aliases):
+            os.makedirs(work[al])
+            os.makedirs(small[al])
+            cfg = d / f"sshd_config.{n}"
+            log = d / f"sshd.{n}.log"
+            _sshd_config(cfg, d, host_key, a, port, d / f"sshd.{n}.pid")
+            script = ('mount --make-rprivate / && mount -t tmpfs -o size=512m tmpfs "$1" && '
+                      'mount -t tmpfs -o size="$2" tmpfs "$3" && exec "$4" -D -f "$5" -E "$6"')
+            procs.append(subprocess.Popen(
+                ["ip", "netns", "exec", n, "unshare", "-m", "sh", "-c", script, "sh", work[al], str(SMALL_BYTES),
+                 small[al], SSHD, str(cfg), str(log)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        probe = subprocess.run(["ip", "netns", "exec", ns[0], sys.executable, "-c", _PROBE, "20", str(port), *addrs],
+                               capture_output=True, text=True, timeout=60)
+        if probe.returncode != 0 or any(p.poll() is not None for p in procs):
+            errs = "\n".join((p.stderr.read().decode() if p.poll() is not None else "") for p in procs)
+            logs = "\n".join(_log_tail(d / f"sshd.{n}.log") for n in ns)
+            pytest.fail(f"private-disk sshd did not come up: {probe.stderr}\n{errs}\n{logs}", pytrace=False)
+        ssh_config = d / "ssh_config"
+        ssh_config.write_text("".join(_client_block([al], a, port, user) for al, a in zip(aliases, addrs))
+                              + _client_defaults(key, user))
+        nodes = PrivateNodes(aliases, ns, dict(zip(aliases, addrs)), dict(zip(aliases, ifs)), port, ssh_config,
+                             key, user, d, [p.pid for p in procs], work, small)
+        for al in aliases:
+            r = nodes.ssh(al, f"touch {work[al]}/.probe && echo ok")
+            if r.returncode != 0 or r.stdout.strip() != "ok":
+                pytest.fail(f"ssh to {al} failed (rc {r.returncode}): {r.stderr}", pytrace=False)
+            assert not os.path.exists(f"{work[al]}/.probe"), "the node's workdir is not private"
+        yield nodes
+    finally:
+        for p in procs:
+            _stop(p)
+        for n in created:
+            r = _ip("netns", "pids", n, check=False)
+            for s in r.stdout.split():
+                try:
+                    os.kill(int(s), signal.SIGKILL)
+                except (ValueError, OSError):
+                    pass
+            _ip("netns", "del", n, check=False)
+        if _ip("link", "show", ifs[0], check=False).returncode == 0:
+            _ip("link", "del", ifs[0], check=False)
+        shutil.rmtree(d, ignore_errors=True)

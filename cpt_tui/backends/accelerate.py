@@ -81,11 +81,14 @@ def deepspeed_config(stage: StageSpec, world_size: int, *, cpu: bool = False) ->
 
 
 def stage_deepspeed(stage: StageSpec, world_size: int, run_dir: str, *, cpu: bool,
-                    write: bool = True) -> Optional[str]:
-    """The path of the stage's DeepSpeed config (written unless `write` is False), None without ZeRO."""
+                    write: bool = True, node_local: bool = False) -> Optional[str]:
+    """The path of the stage's DeepSpeed config (written unless `write` is False), None without ZeRO.
+    `node_local` (ssh `shared_fs: false`): DeepSpeed writes its checkpoint's common files on every node."""
     if stage.zero_stage <= 0:
         return None
     cfg = deepspeed_config(stage, world_size, cpu=cpu)
+    if node_local:
+        cfg["checkpoint"] = {"use_node_local_storage": True}
     path = RunLayout(run_dir).deepspeed_config(stage.name)
     if write:
         Path(run_dir).mkdir(parents=True, exist_ok=True)

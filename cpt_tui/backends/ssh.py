@@ -3,7 +3,10 @@ guard (see cpt_tui/procs.py), so remote processes never outlive their ssh channe
 nodes). If the supervisor dies the channels close and the remote trainers end; a new supervisor waits
 for that, then relaunches the stage, which resumes from its last checkpoint (steps since then are
 redone; this does not count as a restart). Events come back through a run directory shared with the
-nodes (same absolute path).
+nodes (same absolute path) — or, with `cluster.shared_fs: false`, nothing is shared: each stage's
+inputs are pushed to every node's workdir with rsync (cpt_tui/backends/sync.py), rank 0's events.jsonl
+is streamed back over ssh into the run directory here (cpt_tui/backends/stream.py), checkpoints stay
+on the nodes (a restart resumes from each node's own), and final/ is pulled back after the stage.
 """
 
 from __future__ import annotations
@@ -13,19 +16,23 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from cpt_tui.backends import Backend, LaunchError, NodeCommand
+from cpt_tui.backends import sync
 from cpt_tui.backends.accelerate import LAUNCH_MODULE, forced_cpu, launch_args, stage_deepspeed, stop_env
-from cpt_tui.backends.shell import check_env, placeholder, remote_path, remote_script
+from cpt_tui.backends.shell import _q, check_env, placeholder, remote_path, remote_script
+from cpt_tui.backends.stream import MARK, READER, EventStream, Notes
 from cpt_tui.procs import GUARD_PLACEHOLDER, Proc, _GUARD, proc_start, start as start_guarded
 from cpt_tui.redact import redact
 from engine.gpus import problems
-from engine.layout import StageLayout
+from engine.layout import RunLayout, StageLayout
 from engine.spec import ClusterSpec, NodeSpec, StageSpec
 
 # Copied from the manager: settings that mean the same on every machine. Not copied: names of the
@@ -79,6 +86,14 @@ class SshBackend(Backend):
         return env
 
     def _ssh_prefix(self, node: NodeSpec, name: str, extra: Sequence[str] = ()) -> list[str]:
+        return [*self._ssh_opts(node, name, extra), self._dest(node), "--"]
+
+    @staticmethod
+    def _dest(node: NodeSpec) -> str:
+        return f"{node.user}@{node.host}" if node.user else node.host
+
+    def _ssh_opts(self, node: NodeSpec, name: str, extra: Sequence[str] = ()) -> list[str]:
+        """`ssh` and its options (no destination): also rsync's `-e`."""
         for what, value in (("host", node.host), ("user", node.user or "")):
             bad = value.startswith("-") or any(c.isspace() for c in value) or (what == "user" and "@" in value)
             if bad:  # an option-like or split-able destination would change what ssh does
@@ -90,8 +105,6 @@ class SshBackend(Backend):
         argv += ["-T", "-o", "BatchMode=yes", "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4", *extra]
         if node.port:
             argv += ["-p", str(node.port)]
-        argv.append(f"{node.user}@{node.host}" if node.user else node.host)
-        argv.append("--")
         return argv
 
     def _guarded_command(self, rank: int, node: NodeSpec, name: str, grace: float, args: Sequence[str],
@@ -117,7 +130,10 @@ class SshBackend(Backend):
             detail = ", ".join(f"{nm}: {p}" for nm, p in zip(names, per_node))
             raise LaunchError(f"every node must run the same number of processes (accelerate); got {detail}")
         machines, total = len(cluster.nodes), sum(per_node)
-        ds_path = stage_deepspeed(stage, total, run_dir, cpu=cpu, write=write_configs)
+        ds_path = stage_deepspeed(stage, total, run_dir, cpu=cpu, write=write_configs, node_local=not self.shared)
+        if not self.shared:  # the node's copies (pushed by prepare_stage), relative to its workdir
+            stage_json = sync.node_path(stage_json, run_dir)
+            ds_path = ds_path and sync.node_path(ds_path, run_dir)
         main = cluster.nodes[0]
         if machines > 1 and not main.address and not _is_ip(main.host):
             raise LaunchError(f"node {names[0]}: set its `address` (the IP the other nodes reach it at): the ssh "
@@ -165,6 +181,9 @@ class SshBackend(Backend):
             results = list(ex.map(lambda i: self._preflight_node(nodes[i], names[i], timeout, local_env),
                                   range(len(nodes))))
         bad = []
+        if not self.shared and shutil.which("rsync") is None:
+            bad.append("manager: rsync not found (cluster.shared_fs: false pushes and pulls with rsync); "
+                       "install it (apt-get install rsync)")
         for name, r in zip(names, results):
             if isinstance(r, str):
                 bad.append(r)
@@ -208,19 +227,20 @@ class SshBackend(Backend):
             return (f"node {name}: the engine is not installed for {node.python} on {node.host} ({why}); "
                     f"install with `{node.python} -m pip install cpt-tui` there (or `pip install -e <checkout>`), "
                     f"or put a checkout on PYTHONPATH in the node's env")
+        if not self.shared:
+            try:
+                r2 = subprocess.run([*prefix, "command -v rsync"], stdin=subprocess.DEVNULL, capture_output=True,
+                                    text=True, timeout=timeout + 5)
+            except subprocess.TimeoutExpired:
+                return f"node {name}: checking for rsync timed out"
+            if r2.returncode != 0:
+                return (f"node {name}: rsync not found on {node.host} (cluster.shared_fs: false pushes and pulls "
+                        f"with rsync); install it there (apt-get install rsync)")
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
         try:
             return json.loads(lines[-1])
         except (IndexError, ValueError):
             return f"node {name}: the probe (python -m engine.doctor --json) printed no report: {_last_line(r.stdout)!r}"
-
-    def start(self, cmds: Sequence[NodeCommand], layout: StageLayout, attempt: int) -> list[Proc]:
-        out = []
-        with open(layout.log, "ab") as log:
-            for c in cmds:
-                p = start_guarded(c, stdout=log, stderr=subprocess.STDOUT)
-                out.append(Proc(c.node, p.pid, proc_start(p.pid), time.time(), None, True, self.kind, p))
-        return out
 
     def stop(self, procs: Sequence[Proc], *, force: bool = False) -> None:
         for p in procs:  # (data preparation is a local keeper even on an ssh cluster)
@@ -242,3 +262,187 @@ class SshBackend(Backend):
         for p in procs:
             p.signal(signal.SIGKILL)
         return None
+
+    # ------------------------------------------------------------------ shared_fs: false
+    # `notify(type, **data)`, if the supervisor set it: a manager-side event ('@run' stream), always
+    # called on the supervisor's own thread (stream threads queue theirs in `self._notes`).
+    notify = None
+
+    @property
+    def shared(self) -> bool:
+        return getattr(self.cluster, "shared_fs", True)
+
+    def _note(self, type: str, **data) -> None:
+        if self.notify is not None:
+            self.notify(type, **data)
+
+    def _deliver(self) -> None:
+        notes = getattr(self, "_notes", None)
+        for kind, data in (notes.drain() if notes else ()):
+            reason = data.pop("reason", None)
+            self._note("status", state=f"node_{kind}", **data, **({"reason": reason} if reason else {}))
+
+    def _rsync_dest(self, node: NodeSpec, rel: str) -> str:
+        return f"{self._dest(node)}:{sync.rsync_path(node.workdir, rel)}"
+
+    def _ssh_run(self, node: NodeSpec, name: str, script: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([*self._ssh_prefix(node, name), script], stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def _stream_command(self, node: NodeSpec, name: str, rel: str, offset: int, once: bool) -> NodeCommand:
+        args = ["-c", READER, rel, str(offset), "once" if once else "follow", MARK]
+        return self._guarded_command(0, node, name, 2.0, args, [node.python, *args])
+
+    def _node_items(self, layout: StageLayout, i: int) -> Path:
+        """Write node i's stage JSON and its push tree (links to the inputs at their node paths)."""
+        run_dir = str(layout.root.parent.parent)
+        cfg = json.loads(layout.config.read_text())
+        node_cfg, items = sync.stage_for_node(cfg, run_dir)
+        layout.node_config(i).write_text(json.dumps(node_cfg, indent=1))
+        items.append(sync.Item(str(layout.node_config(i)), sync.node_path(str(layout.config), run_dir)))
+        ds = RunLayout(run_dir).deepspeed_config(layout.name)
+        if ds.exists():
+            items.append(sync.Item(str(ds), sync.node_path(str(ds), run_dir)))
+        tree = layout.push_dir(i)
+        shutil.rmtree(tree, ignore_errors=True)
+        for it in items:
+            link = tree / it.remote
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.abspath(it.local), link)
+        return tree
+
+    def push_commands(self, layout_root: str = "<run_dir>/stages/STAGE") -> list[str]:
+        """The rsync / ssh commands of shared_fs false (for `plan --commands`)."""
+        lines = []
+        events = sync.node_path(f"{layout_root}/events.jsonl", str(Path(layout_root).parent.parent))
+        final = sync.node_path(f"{layout_root}/final", str(Path(layout_root).parent.parent))
+        for i, (node, name) in enumerate(zip(self.cluster.nodes, node_names(self.cluster))):
+            e = sync.rsh(self._ssh_opts(node, name))
+            tree = f"{layout_root}/.push/node-{i}/"
+            lines.append(f"# {name}: push (content-keyed inputs under cache/, the stage JSON under runs/)")
+            lines.append(shlex.join(["rsync", "-L", *sync.RSYNC_FLAGS, "-e", e, "--", tree,
+                                     self._rsync_dest(node, "")]))
+            if i == 0:
+                lines.append(f"# {name}: stream rank 0's events (reconnects with backoff; resumes at the local size)")
+                lines.append(f"{shlex.join(self._ssh_prefix(node, name))} <remote>\n    remote: " +
+                             remote_script(node.workdir, {}, node.python, ["-c", placeholder("<guard>"), "2",
+                                           remote_path(node.python), "-c", placeholder("<stream-reader>"), events,
+                                           placeholder("OFFSET"), "follow"]))
+                lines.append(f"# {name}: pull final/" + (" and checkpoints/" if self.cluster.pull_checkpoints else ""))
+                lines.append(shlex.join(["rsync", *sync.RSYNC_FLAGS, "--delete", "-e", e, "--",
+                                         self._rsync_dest(node, final + "/"), f"{layout_root}/final/"]))
+            elif self.cluster.pull_checkpoints:
+                lines.append(f"# {name}: pull checkpoints/ (this rank's own files)")
+        return lines
+
+    def describe(self, cmds: Sequence[NodeCommand], *, started: bool = False) -> str:
+        text = super().describe(cmds, started=started)
+        if self.shared:
+            return text
+        return text + "\n\n# shared_fs: false — nothing is shared with the nodes:\n" + "\n".join(self.push_commands())
+
+    def prepare_stage(self, layout: StageLayout) -> None:
+        """Push the stage's inputs to every node (after checking each node's free disk)."""
+        if self.shared:
+            return
+        nodes, names = self.cluster.nodes, node_names(self.cluster)
+        trees = [self._node_items(layout, i) for i in range(len(nodes))]
+        # what each node lacks (rsync dry run) against its free disk
+        need = [self._transfer(layout, i, trees[i], dry=True).transferred_size for i in range(len(nodes))]
+        problems = []
+        for i, (node, name) in enumerate(zip(nodes, names)):
+            r = self._ssh_run(node, name, f"cd -- {_q(remote_path(node.workdir))} && df -Pk .")
+            try:
+                free = int(r.stdout.strip().splitlines()[-1].split()[3]) * 1024
+            except (IndexError, ValueError):
+                problems.append(f"node {name}: cannot read the free disk space in {node.workdir}: "
+                                f"{_last_line(r.stderr) or r.stdout.strip()}")
+                continue
+            if need[i] > free:
+                problems.append(f"node {name}: not enough disk in workdir {node.workdir}: {need[i]} bytes to push "
+                                f"({sync.human_bytes(need[i])}), {free} bytes free (short by {need[i] - free} bytes)")
+        if problems:
+            raise LaunchError("\n".join(problems))
+        with ThreadPoolExecutor(max_workers=min(8, len(nodes))) as ex:
+            done = list(ex.map(lambda i: self._transfer(layout, i, trees[i]), range(len(nodes))))
+        for i, t in enumerate(done):
+            self._note("transfer", op="push", stage_name=layout.name, node=names[i], bytes=t.literal,
+                       size=t.total_size, changed=t.transferred_size, wire=t.sent, seconds=round(t.seconds, 3),
+                       message=f"pushed {sync.human_bytes(t.literal)} to {names[i]} "
+                               f"({sync.human_bytes(t.total_size)} of inputs, {t.seconds:.1f} s)")
+
+    def _transfer(self, layout: StageLayout, i: int, tree: Path, dry: bool = False) -> sync.Transfer:
+        node, name = self.cluster.nodes[i], node_names(self.cluster)[i]
+        last = [0.0]
+
+        def progress(done: int, pct: int, rate: str, eta: str) -> None:
+            now = time.monotonic()
+            if now - last[0] >= 1.0:  # at most one line a second (stdout: supervisor.log)
+                last[0] = now
+                print(f"push {layout.name} → {name}: {sync.human_bytes(done)} ({pct}%), {rate}, ETA {eta}", flush=True)
+
+        return sync.rsync(f"{tree}/", self._rsync_dest(node, ""), self._ssh_opts(node, name),
+                          what=f"node {name}: push", extra=["-L", *(["--dry-run"] if dry else [])],
+                          progress=None if dry else progress)
+
+    def start(self, cmds: Sequence[NodeCommand], layout: StageLayout, attempt: int) -> list[Proc]:
+        out = []
+        with open(layout.log, "ab") as log:
+            for c in cmds:
+                p = start_guarded(c, stdout=log, stderr=subprocess.STDOUT)
+                out.append(Proc(c.node, p.pid, proc_start(p.pid), time.time(), None, True, self.kind, p))
+        if not self.shared and any(c.remote for c in cmds):
+            self._start_stream(layout)
+        return out
+
+    def _start_stream(self, layout: StageLayout) -> None:
+        node, name = self.cluster.nodes[0], node_names(self.cluster)[0]
+        rel = sync.node_path(str(layout.events), str(layout.root.parent.parent))
+        self._notes = getattr(self, "_notes", None) or Notes()
+
+        def command(offset: int, once: bool) -> subprocess.Popen:
+            return start_guarded(self._stream_command(node, name, rel, offset, once), stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL)
+
+        self._stream = EventStream(name, str(layout.events), command, self._notes).start()
+
+    def _finish_stream(self) -> None:
+        st = getattr(self, "_stream", None)
+        if st is not None:
+            self._stream = None
+            st.finish()
+        self._deliver()
+
+    def poll(self, procs: Sequence[Proc]) -> list[Optional[int]]:
+        codes = [p.poll() for p in procs]
+        if not self.shared:
+            self._deliver()
+            if None not in codes and getattr(self, "_stream", None) is not None:
+                for p, c in zip(procs, codes):
+                    if p.remote and c == 255:
+                        self._note("status", state="node_disconnected", node=p.node,
+                                   reason="the trainer's ssh channel was lost: the node's guard ended the "
+                                          "trainer; the stage resumes from the node's latest checkpoint")
+                self._finish_stream()  # everything rank 0 wrote is here before the supervisor's last read
+        return codes
+
+    def finish_stage(self, layout: StageLayout) -> None:
+        """Pull final/ (from rank 0's node) and, with pull_checkpoints, each node's checkpoints."""
+        if self.shared:
+            return
+        self._finish_stream()
+        run_dir = str(layout.root.parent.parent)
+        nodes, names = self.cluster.nodes, node_names(self.cluster)
+        final = sync.node_path(str(layout.final), run_dir)
+        t = sync.rsync(self._rsync_dest(nodes[0], final + "/"), f"{layout.final}/", self._ssh_opts(nodes[0], names[0]),
+                       what=f"node {names[0]}: pull final/", extra=["--delete"], missing_ok=True)
+        if t is not None:
+            self._note("transfer", op="pull", stage_name=layout.name, node=names[0], bytes=t.literal,
+                       size=t.total_size, seconds=round(t.seconds, 3),
+                       message=f"pulled final/ of {layout.name} from {names[0]} ({sync.human_bytes(t.total_size)})")
+        if self.cluster.pull_checkpoints:
+            ck = sync.node_path(str(layout.checkpoints), run_dir)
+            layout.checkpoints.mkdir(parents=True, exist_ok=True)
+            for node, name in zip(nodes, names):
+                sync.rsync(self._rsync_dest(node, ck + "/"), f"{layout.checkpoints}/", self._ssh_opts(node, name),
+                           what=f"node {name}: pull checkpoints/", extra=["--exclude", ".tmp-*"], missing_ok=True)
