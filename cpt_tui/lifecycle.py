@@ -171,6 +171,7 @@ def start_detached(preset_path: str | Path, db_path: str | Path, from_stage: Opt
     try:
         backend = backend_for(preset.cluster)
         backend.preflight(stages=preset.stages)
+        backend.preflight_disk(preset, plan)  # before data preparation (shared_fs: false: each node's disk)
         backend.commands(preset.stages[0], "stage.json", "<unused>", write_configs=False)
     except LaunchError as e:
         raise Invalid(f"{path}: cluster: {e}") from None

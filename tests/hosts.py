@@ -7,6 +7,9 @@ Fixtures (session scope), re-exported by tests/conftest.py:
 - `netns_nodes` → `NetnsNodes`: namespaces joined by a veth pair, 10.77.<pid%200>.1/.2, an sshd in
   each; aliases node-a / node-b; run ssh clients inside the first namespace (`nodes.run(argv)`,
   `nodes.prefix + argv`): the namespaces are isolated from the root namespace.
+- `netns_private_nodes` → `PrivateNodes`: the same, each sshd also in its own mount namespace with a
+  tmpfs workdir the manager cannot see (`workdirs[alias]`, and a tiny `small[alias]`): nodes without a
+  shared disk (`cluster.shared_fs: false`, tests/test_ssh_noshare.py).
 
 Where the machine cannot do this (not root, no sshd / ip), the fixtures skip with the reason; with the
 CI environment variable set they fail instead (CI must run them: see .ci/setup-hosts.sh).
@@ -30,7 +33,8 @@ from typing import Optional, Sequence
 
 import pytest
 
-__all__ = ["sshd_loopback", "netns_nodes", "SshHost", "NetnsNodes", "require", "free_port", "SSHD"]
+__all__ = ["sshd_loopback", "netns_nodes", "netns_private_nodes", "SshHost", "NetnsNodes", "PrivateNodes",
+           "require", "free_port", "SSHD"]
 
 SSHD = "/usr/sbin/sshd"
 

@@ -1,42 +1,52 @@
 """`cluster.shared_fs: false`: nodes with private disks (tests/hosts.py `netns_private_nodes`: two
 network namespaces, each sshd in its own mount namespace with a tmpfs workdir the manager cannot see).
 
-- a 2-stage run over 2 nodes × 1 process, node workdirs with spaces and shell syntax: completes;
-  SQLite's metrics are exactly rank 0's events on the node; each stage's final/ is here and loads;
-  the second stage re-sent none of the shards (rsync's literal bytes);
-- the event stream's ssh client killed mid-stage: it reconnects, every event arrives exactly once;
-- a node whose workdir is too small: the run fails before training, naming the node and the bytes;
-- `plan --commands` lists the push / stream / pull commands.
+Two runs are shared by the tests (module fixtures), to keep the file's wall time down:
+
+- `two_stage`: a 2-stage run over 2 nodes × 1 process, node workdirs with spaces and shell syntax,
+  uninterrupted. It completes; SQLite's metrics are exactly rank 0's events on the node; each stage's
+  final/ is here and loads; the second stage re-sent none of the shards (rsync's literal bytes). Its
+  first stage is also the reference of the kill -9 test.
+- `interrupted`: the same first stage alone (the same seed, data and schedule), slowed down; the
+  event stream's ssh client is killed mid-stage (it reconnects, every event arrives exactly once,
+  the run shows the node disconnected meanwhile), then the trainer of node-b is killed with -9 after a
+  checkpoint: the stage resumes from the nodes' own checkpoint and its losses equal `two_stage`'s (fp32).
+
+And: a node whose workdir is too small → exit 2 at preflight (before any data preparation) naming
+the node and the bytes; `plan --commands` lists the push / stream / pull commands.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from engine.events import read_events
-from tests.demo_run import ROOT, tiny_preset, wait_for
+from tests.demo_run import ROOT, cli_env, tiny_preset, wait_for
 from tests.hosts import netns_private_nodes  # noqa: F401  (fixture)
 
 PY = sys.executable
 MARK = "cpt-stream"
+S1, S2 = ("s1", 24), ("s2", 16)
 
 
 def cluster(nn, workdirs, **kw) -> dict:
     nodes = [{"host": al, "workdir": workdirs[al], "python": PY, "address": nn.addresses[al],
               "env": {"PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": nn.ifnames[al], **kw.pop("env", {})}}
              for al in nn.nodes]
-    return {"kind": "ssh", "processes_per_node": 1, "ssh_options": ["-F", str(nn.ssh_config)], "nodes": nodes,
-            "shared_fs": False, "main_process_port": kw.pop("port", 29530), **kw}
+    return {"kind": "ssh", "processes_per_node": 1, "ssh_options": ["-F", str(nn.ssh_config)],
+            "nodes": nodes, "shared_fs": False, "main_process_port": kw.pop("port", 29530), **kw}
 
 
 def cli(nn, args, env, **kw):
@@ -46,7 +56,7 @@ def cli(nn, args, env, **kw):
 
 def node_events(nn, alias, workdir, run_dir, stage) -> list[dict]:
     path = f"{workdir}/runs/{Path(run_dir).name}/stages/{stage}/events.jsonl"
-    r = nn.ssh(alias, f"cat -- '{path}'" if "'" not in path else "false")
+    r = nn.ssh(alias, f"cat -- {shlex.quote(path)}")
     assert r.returncode == 0, r.stderr
     return [json.loads(ln) for ln in r.stdout.splitlines() if ln.strip()]
 
@@ -56,37 +66,76 @@ def run_row(db, run_id):
     return con, Path(con.execute("SELECT run_dir FROM runs WHERE id = ?", [run_id]).fetchone()[0])
 
 
-def test_two_stage_run_without_shared_disk(netns_private_nodes, cpt_home, tmp_path):
+def losses(con, run_id, stage) -> dict[int, float]:
+    """step → loss as the reads show it (each step once: the latest attempt's row)."""
+    out = {}
+    for step, loss in con.execute("SELECT step, loss FROM metrics WHERE run_id = ? AND stage = ? "
+                                  "ORDER BY attempt, seq", [run_id, stage]):
+        out[step] = loss
+    return out
+
+
+def run_events(con, run_id) -> list[dict]:
+    return [json.loads(d) for (d,) in con.execute(
+        "SELECT data FROM events WHERE run_id = ? AND stage = '@run' ORDER BY rowid", [run_id])]
+
+
+@dataclass
+class Run:
+    res: subprocess.CompletedProcess
+    env: dict
+    wd: dict
+    run_id: str
+    run_dir: Path
+    seconds: float
+    extra: dict
+
+
+def _home(tmp_path_factory, shared_cache, name) -> dict:
+    home = tmp_path_factory.mktemp(name)
+    return cli_env(home, shared_cache)
+
+
+@pytest.fixture(scope="module")
+def two_stage(netns_private_nodes, tmp_path_factory, shared_cache) -> Run:
     nn = netns_private_nodes
+    env = _home(tmp_path_factory, shared_cache, "noshare-home")
     uniq = uuid.uuid4().hex[:8]
     pwned = Path(f"/tmp/pwned_{uniq}")
     wd = {al: f"{nn.workdirs[al]}/a b; touch {pwned} $(touch {pwned})" for al in nn.nodes}
     for al in nn.nodes:  # create the workdirs literally on the nodes
-        r = nn.run(["ssh", "-F", str(nn.ssh_config), al, "--", "mkdir", "-p", "--", _sq(wd[al])])
+        r = nn.run(["ssh", "-F", str(nn.ssh_config), al, "--", "mkdir", "-p", "--", shlex.quote(wd[al])])
         assert r.returncode == 0, r.stderr
-    preset = tiny_preset(tmp_path / "p.yaml", [("s1", 24), ("s2", 16)], micro=4, every=8,
+    preset = tiny_preset(tmp_path_factory.mktemp("p2") / "p.yaml", [S1, S2], micro=4, every=8,
                          cluster=cluster(nn, wd))
     t0 = time.time()
-    res = cli(nn, ["--run", str(preset)], cpt_home, timeout=600)
+    res = cli(nn, ["--run", str(preset)], env, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert not pwned.exists()
     run_id = res.stdout.split()[1]
-    con, run_dir = run_row(cpt_home["CPT_TUI_DB"], run_id)
-    for stage, steps in (("s1", 24), ("s2", 16)):
-        evs = node_events(nn, "node-a", wd["node-a"], run_dir, stage)
+    _, run_dir = run_row(env["CPT_TUI_DB"], run_id)
+    return Run(res, env, wd, run_id, run_dir, time.time() - t0, {})
+
+
+def test_two_stage_run_without_shared_disk(two_stage, netns_private_nodes):
+    nn, r = netns_private_nodes, two_stage
+    con, run_dir = run_row(r.env["CPT_TUI_DB"], r.run_id)
+    for stage, steps in (S1, S2):
+        evs = node_events(nn, "node-a", r.wd["node-a"], run_dir, stage)
         want = [(e["seq"], e["step"], e["loss"]) for e in evs if e["type"] == "metric"]
-        rows = [tuple(r) for r in con.execute("SELECT seq, step, loss FROM metrics WHERE run_id = ? AND stage = ? "
-                                              "ORDER BY seq", [run_id, stage])]
-        assert rows == want and [r[1] for r in rows] == list(range(1, steps + 1))
+        rows = [tuple(x) for x in con.execute("SELECT seq, step, loss FROM metrics WHERE run_id = ? AND stage = ? "
+                                              "ORDER BY seq", [r.run_id, stage])]
+        assert rows == want and [x[1] for x in rows] == list(range(1, steps + 1))
         local, _ = read_events(run_dir / "stages" / stage / "events.jsonl")
-        assert local == evs  # the manager's copy is byte-for-byte rank 0's
+        assert local == evs  # the manager's copy is rank 0's, record for record
         assert (run_dir / "stages" / stage / "final" / "config.json").exists()
         assert not (run_dir / "stages" / stage / "checkpoints").exists()  # they stay on the nodes
-    # every node has its own checkpoints (rank 1's files on node-b)
-    r = nn.ssh("node-b", f"ls -- {_sq(wd['node-b'])}/runs/{run_dir.name}/stages/s1/checkpoints/step-24")
-    assert "rng-rank1.pt" in r.stdout and "trainer_state.json" in r.stdout, r.stdout + r.stderr
+    # every node has its own checkpoints (rank 1's files on node-b, with the replicated weights)
+    ls = nn.ssh("node-b", f"ls -- {shlex.quote(r.wd['node-b'])}/runs/{run_dir.name}/stages/s1/checkpoints/step-24")
+    for f in ("rng-rank1.pt", "trainer_state.json", "model.safetensors", "optimizer.pt"):
+        assert f in ls.stdout, ls.stdout + ls.stderr
     pushes = [json.loads(d) for (d,) in con.execute(
-        "SELECT data FROM events WHERE run_id = ? AND type = 'transfer' ORDER BY rowid", [run_id])]
+        "SELECT data FROM events WHERE run_id = ? AND type = 'transfer' ORDER BY rowid", [r.run_id])]
     push = {(p["stage_name"], p["node"]): p for p in pushes if p["op"] == "push"}
     assert push[("s1", "node-a")]["bytes"] > 100_000 and push[("s1", "node-b")]["bytes"] > 100_000
     # stage 2: the shards and tokenizer are on the nodes already; only the stage JSON and (node-b) s1's final/
@@ -98,16 +147,14 @@ def test_two_stage_run_without_shared_disk(netns_private_nodes, cpt_home, tmp_pa
     from transformers import AutoModelForCausalLM
     m = AutoModelForCausalLM.from_pretrained(str(run_dir / "stages" / "s2" / "final"))
     assert m.config.hidden_size == 32
-    print(f"two-stage no-shared-disk run: {time.time() - t0:.1f} s; pushes: "
+    print(f"two-stage no-shared-disk run: {r.seconds:.1f} s; pushes: "
           + ", ".join(f"{k[0]}/{k[1]}={v['bytes']}B" for k, v in push.items()))
 
 
-def _sq(s: str) -> str:
-    import shlex
-    return shlex.quote(s)
+# --------------------------------------------------------------------------- the interrupted run
 
 
-def _stream_clients() -> list[int]:
+def _procs(match) -> list[int]:
     out = []
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -116,59 +163,133 @@ def _stream_clients() -> list[int]:
             argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0] == b"ssh" and any(MARK.encode() in a and b"follow" in a for a in argv):
+        if argv and match(d, argv):
             out.append(int(d))
     return out
 
 
-def test_event_stream_cut_reconnects_exactly_once(netns_private_nodes, cpt_home, tmp_path):
+def _stream_clients() -> list[int]:
+    return _procs(lambda _d, argv: argv[0] == b"ssh" and any(MARK.encode() in a and b"follow" in a for a in argv))
+
+
+def _trainer(workdir_root: str, rank: int) -> list[int]:
+    """The engine.train process of `rank` (its environment), started on the node whose workdir is given."""
+    def match(d, argv):
+        if b"engine.train" not in argv:
+            return False
+        try:
+            env = Path(f"/proc/{d}/environ").read_bytes().split(b"\0")
+            cwd = os.readlink(f"/proc/{d}/cwd")
+        except OSError:
+            return False
+        return f"RANK={rank}".encode() in env and cwd.startswith(workdir_root)
+    return _procs(match)
+
+
+@pytest.fixture(scope="module")
+def interrupted(netns_private_nodes, tmp_path_factory, shared_cache) -> Run:
     nn = netns_private_nodes
+    env = _home(tmp_path_factory, shared_cache, "noshare-cut")
     wd = {al: f"{nn.workdirs[al]}/cut" for al in nn.nodes}
-    preset = tiny_preset(tmp_path / "p.yaml", [("s1", 40)], micro=4, every=20,
-                         cluster=cluster(nn, wd, env={"CPT_FAULT_SLOW_S": "0.25"}, port=29531))
     for al in nn.nodes:
         nn.ssh(al, f"mkdir -p {wd[al]}")
-    p = subprocess.Popen([*nn.prefix, PY, "-m", "cpt_tui.cli", "--run", str(preset)], env=cpt_home, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    preset = tiny_preset(tmp_path_factory.mktemp("p1") / "p.yaml", [S1], micro=4, every=8,
+                         cluster=cluster(nn, wd, env={"CPT_FAULT_SLOW_S": "0.3"}, port=29531))
+    t0 = time.time()
+    p = subprocess.Popen([*nn.prefix, PY, "-m", "cpt_tui.cli", "--run", str(preset), "--restart-backoff", "1"],
+                         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    extra = {}
     try:
-        home = Path(cpt_home["CPT_TUI_HOME"])
+        home = Path(env["CPT_TUI_HOME"])
         ev = wait_for(lambda: next((f for f in home.glob("runs/*/stages/s1/events.jsonl")
                                     if f.stat().st_size > 2000), None), 300, "streamed events")
         pids = wait_for(_stream_clients, 30, "the event stream's ssh client")
         for pid in pids:
             os.kill(pid, signal.SIGKILL)  # cut the stream mid-stage
-        cut_at = ev.stat().st_size
+        extra["cut_at"] = ev.stat().st_size
+        # after the first checkpoint (step 8, on both nodes) and a few steps more: kill -9 rank 1 on node-b
+        wait_for(lambda: b'"step": 10' in ev.read_bytes() or b'"step":10' in ev.read_bytes(), 300,
+                 "step 10 streamed")
+        victims = wait_for(lambda: _trainer(nn.workdirs["node-b"], 1), 30, "node-b's trainer")
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        extra["killed"] = victims
         out, err = p.communicate(timeout=600)
     finally:
         if p.poll() is None:
             p.kill()
     assert p.returncode == 0, out[-3000:] + err[-3000:]
     run_id = out.split()[1]
-    con, run_dir = run_row(cpt_home["CPT_TUI_DB"], run_id)
-    evs = node_events(nn, "node-a", wd["node-a"], run_dir, "s1")
+    _, run_dir = run_row(env["CPT_TUI_DB"], run_id)
+    return Run(subprocess.CompletedProcess(p.args, p.returncode, out, err), env, wd, run_id, run_dir,
+               time.time() - t0, extra)
+
+
+def test_event_stream_cut_reconnects_exactly_once(interrupted, netns_private_nodes):
+    nn, r = netns_private_nodes, interrupted
+    con, run_dir = run_row(r.env["CPT_TUI_DB"], r.run_id)
+    evs = node_events(nn, "node-a", r.wd["node-a"], run_dir, "s1")
     want = [(e["seq"], e["step"], e["loss"]) for e in evs if e["type"] == "metric"]
-    rows = [tuple(r) for r in con.execute("SELECT seq, step, loss FROM metrics WHERE run_id = ? ORDER BY seq",
-                                          [run_id])]
-    assert rows == want and [r[1] for r in rows] == list(range(1, 41))
-    seqs = [s for (s,) in con.execute("SELECT seq FROM events WHERE run_id = ? AND stage = 's1'", [run_id])]
+    rows = [tuple(x) for x in con.execute("SELECT seq, step, loss FROM metrics WHERE run_id = ? ORDER BY seq",
+                                          [r.run_id])]
+    assert rows == want  # every metric of both attempts, once
+    seqs = [s for (s,) in con.execute("SELECT seq FROM events WHERE run_id = ? AND stage = 's1'", [r.run_id])]
     assert sorted(seqs) == [e["seq"] for e in evs]  # every event exactly once
-    states = [json.loads(d).get("state") for (d,) in con.execute(
-        "SELECT data FROM events WHERE run_id = ? AND stage = '@run' ORDER BY rowid", [run_id])]
+    local, _ = read_events(run_dir / "stages" / "s1" / "events.jsonl")
+    assert local == evs
+    states = [e.get("state") for e in run_events(con, r.run_id)]
     assert "node_disconnected" in states and states.count("node_connected") >= 2, states
-    assert cut_at < (run_dir / "stages" / "s1" / "events.jsonl").stat().st_size
+    assert r.extra["cut_at"] < (run_dir / "stages" / "s1" / "events.jsonl").stat().st_size
     con.close()
 
 
-def test_node_without_enough_disk_names_it_and_the_bytes(netns_private_nodes, cpt_home, tmp_path):
+def test_kill9_of_a_node_trainer_resumes_from_its_checkpoint(interrupted, two_stage, netns_private_nodes):
+    nn, r = netns_private_nodes, interrupted
+    con, run_dir = run_row(r.env["CPT_TUI_DB"], r.run_id)
+    restarts = [e for e in run_events(con, r.run_id) if e.get("state") == "restarting"]
+    assert len(restarts) == 1, restarts
+    evs = node_events(nn, "node-a", r.wd["node-a"], run_dir, "s1")
+    running = [e for e in evs if e["type"] == "status" and e.get("state") == "running"]
+    assert len(running) == 2 and running[0]["resumed_from"] is None
+    resumed = running[1]["resumed_from"]  # a node path (relative to the workdir): the node's own checkpoint
+    assert resumed.startswith(f"runs/{run_dir.name}/stages/s1/checkpoints/step-"), resumed
+    step = int(resumed.rsplit("-", 1)[1])
+    assert step >= 8 and running[1]["step"] == step
+    assert not (run_dir / "stages" / "s1" / "checkpoints").exists()  # never on the manager
+    # the redone steps were logged twice on the node; the reads show each step once (the latest attempt)
+    steps = [e["step"] for e in evs if e["type"] == "metric"]
+    assert len(steps) > S1[1] and sorted(set(steps)) == list(range(1, S1[1] + 1))
+    got = losses(con, r.run_id, "s1")
+    con.close()
+    ref_con, _ = run_row(two_stage.env["CPT_TUI_DB"], two_stage.run_id)
+    ref = losses(ref_con, two_stage.run_id, "s1")
+    ref_con.close()
+    assert sorted(got) == sorted(ref) == list(range(1, S1[1] + 1))
+    after = [s for s in got if s > step]
+    assert after and [got[s] for s in after] == [ref[s] for s in after], (got, ref)  # exactly, fp32
+    assert got == ref  # and before the resume too (the same run up to the kill)
+    print(f"interrupted run: {r.seconds:.1f} s; resumed from step {step}; killed {r.extra['killed']}")
+
+
+# --------------------------------------------------------------------------- preflight, plan
+
+
+def test_node_without_enough_disk_exit_2_at_preflight(netns_private_nodes, cpt_home, tmp_path):
     nn = netns_private_nodes
     wd = {"node-a": f"{nn.workdirs['node-a']}/disk", "node-b": nn.small["node-b"]}
     nn.ssh("node-a", f"mkdir -p {wd['node-a']}")
     preset = tiny_preset(tmp_path / "p.yaml", [("s1", 8)], micro=4, cluster=cluster(nn, wd, port=29532))
-    res = cli(nn, ["--run", str(preset)], cpt_home, timeout=600)
-    assert res.returncode != 0
+    t0 = time.time()
+    res = cli(nn, ["--run", str(preset)], cpt_home, timeout=300)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     err = res.stderr
-    assert "node node-b: not enough disk in workdir" in err and "bytes to push" in err and "short by" in err, err
+    assert "node node-b: not enough disk in workdir" in err and "short by" in err, err
+    assert "the run needs at least" in err and "bytes free" in err, err
     assert "node node-a" not in err
+    # refused before anything ran: no run recorded, nothing prepared
+    home = Path(cpt_home["CPT_TUI_HOME"])
+    assert not list(home.glob("runs/*")), list(home.glob("runs/*"))
+    print(f"disk refusal in {time.time() - t0:.1f} s: {err.strip().splitlines()[-1]}")
 
 
 def test_plan_commands_show_push_stream_pull(netns_private_nodes, cpt_home, tmp_path):

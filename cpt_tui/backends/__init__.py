@@ -71,6 +71,8 @@ class Backend(ABC):
     Contracts:
     - `preflight()`: check every node before anything starts (reachable, engine importable, ...);
       raise `LaunchError` listing each failing node on its own line. Called again before each stage.
+    - `preflight_disk(preset, plan)`: right after the first preflight, before data preparation: each
+      node's free disk against what the run will write there (ssh `shared_fs: false`); `LaunchError`.
     - `commands(stage, stage_json, run_dir, write_configs=...)` → `NodeCommand`s, one per process to
       start here (local: one; ssh: one per node; slurm: one `sbatch`/`srun`). Raises `LaunchError`.
       With `write_configs=False` (dry runs) nothing is written: a DeepSpeed config is only named.
@@ -118,6 +120,11 @@ class Backend(ABC):
     def preflight(self, timeout: float = 10, stages: Sequence[StageSpec] = ()) -> None:
         """Nothing to check by default. `stages`: those about to run (their precisions decide
         whether a node without CUDA is an error)."""
+
+    def preflight_disk(self, preset: Preset, plan: dict) -> None:
+        """After `preflight`, before data preparation (`cpt-tui --run`): check that every node has room
+        for what the run will put there; raise `LaunchError` naming each node short of disk. Nothing
+        to check with a shared run directory."""
 
     def probe(self, timeout: float = 60) -> dict[str, dict]:
         """Node name → `python -m engine.doctor --json` run there (`cpt-tui doctor`). Raises LaunchError."""

@@ -341,6 +341,47 @@ class SshBackend(Backend):
             return text
         return text + "\n\n# shared_fs: false — nothing is shared with the nodes:\n" + "\n".join(self.push_commands())
 
+    def _disk(self, node: NodeSpec, name: str) -> tuple[int, int, Optional[str]]:
+        """(free bytes in the node's workdir, bytes already in its cache/, None) or (0, 0, why not)."""
+        script = (f"cd -- {_q(remote_path(node.workdir))} && df -Pk . | tail -n 1 && "
+                  f"{{ du -sk {sync.CACHE_DIR} 2>/dev/null || echo 0; }}")
+        try:
+            r = self._ssh_run(node, name, script)
+        except subprocess.TimeoutExpired:
+            return 0, 0, f"node {name}: reading the free disk space in {node.workdir} timed out"
+        lines = r.stdout.strip().splitlines()
+        try:
+            return int(lines[0].split()[3]) * 1024, int(lines[1].split()[0]) * 1024, None
+        except (IndexError, ValueError):
+            return 0, 0, (f"node {name}: cannot read the free disk space in {node.workdir}: "
+                          f"{_last_line(r.stderr) or r.stdout.strip()}")
+
+    def preflight_disk(self, preset, plan: dict) -> None:
+        """Before data preparation: each node's free disk against a lower bound of what the run writes
+        there (sync.planned_bytes: model, tokenizer, the planned token shards, one checkpoint), less
+        what the node's cache/ already holds (it may be this run's inputs, sent by an earlier run)."""
+        if self.shared:
+            return
+        parts = sync.planned_bytes(preset, plan)
+        need = sum(parts.values())
+        detail = ", ".join(f"{k} {v}" for k, v in parts.items() if v)
+        nodes, names = self.cluster.nodes, node_names(self.cluster)
+        with ThreadPoolExecutor(max_workers=min(8, len(nodes))) as ex:
+            disks = list(ex.map(lambda i: self._disk(nodes[i], names[i]), range(len(nodes))))
+        bad = []
+        for node, name, (free, cached, why) in zip(nodes, names, disks):
+            if why:
+                bad.append(why)
+                continue
+            new = max(0, need - cached)
+            if new > free:
+                bad.append(f"node {name}: not enough disk in workdir {node.workdir}: the run needs at least {new} "
+                           f"bytes there ({sync.human_bytes(new)}: {detail}"
+                           + (f"; less {cached} bytes already in its cache/" if cached else "")
+                           + f"), {free} bytes free (short by {new - free} bytes)")
+        if bad:
+            raise LaunchError("\n".join(bad))
+
     def prepare_stage(self, layout: StageLayout) -> None:
         """Push the stage's inputs to every node (after checking each node's free disk)."""
         if self.shared:
@@ -349,20 +390,16 @@ class SshBackend(Backend):
         trees = [self._node_items(layout, i) for i in range(len(nodes))]
         # what each node lacks (rsync dry run) against its free disk
         need = [self._transfer(layout, i, trees[i], dry=True).transferred_size for i in range(len(nodes))]
-        problems = []
+        bad = []
         for i, (node, name) in enumerate(zip(nodes, names)):
-            r = self._ssh_run(node, name, f"cd -- {_q(remote_path(node.workdir))} && df -Pk .")
-            try:
-                free = int(r.stdout.strip().splitlines()[-1].split()[3]) * 1024
-            except (IndexError, ValueError):
-                problems.append(f"node {name}: cannot read the free disk space in {node.workdir}: "
-                                f"{_last_line(r.stderr) or r.stdout.strip()}")
-                continue
-            if need[i] > free:
-                problems.append(f"node {name}: not enough disk in workdir {node.workdir}: {need[i]} bytes to push "
-                                f"({sync.human_bytes(need[i])}), {free} bytes free (short by {need[i] - free} bytes)")
-        if problems:
-            raise LaunchError("\n".join(problems))
+            free, _cached, why = self._disk(node, name)
+            if why:
+                bad.append(why)
+            elif need[i] > free:
+                bad.append(f"node {name}: not enough disk in workdir {node.workdir}: {need[i]} bytes to push "
+                           f"({sync.human_bytes(need[i])}), {free} bytes free (short by {need[i] - free} bytes)")
+        if bad:
+            raise LaunchError("\n".join(bad))
         with ThreadPoolExecutor(max_workers=min(8, len(nodes))) as ex:
             done = list(ex.map(lambda i: self._transfer(layout, i, trees[i]), range(len(nodes))))
         for i, t in enumerate(done):

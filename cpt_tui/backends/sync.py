@@ -188,3 +188,50 @@ def human_bytes(n: float) -> str:
 def mkdir_script(workdir_word: str, rels: Sequence[str]) -> str:
     """`cd -- WORKDIR && mkdir -p -- REL...` (each word quoted once)."""
     return f"cd -- {workdir_word} && mkdir -p -- " + " ".join(shlex.quote(r) for r in rels)
+
+
+# --------------------------------------------------------------------------- disk needed, before preparation
+
+
+def _dir_bytes(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def planned_bytes(preset, plan: dict) -> dict[str, int]:
+    """A LOWER bound of what a run writes into each node's workdir, knowable before data preparation
+    (the preflight's disk check): the starting model (its directory's size, or parameters × dtype
+    bytes), a tokenizer directory given by path, the token shards (the plan's training tokens per
+    source, each source's val_tokens, 2 bytes a token), and one checkpoint of the largest stage
+    without ZeRO (weights + optimizer state, from the plan's memory model). Never more than the run
+    really needs, so a refusal is always right; after preparation `prepare_stage` checks exactly."""
+    m = preset.model
+    per_param = 4 if m.dtype == "float32" else 2
+    params = max((s.get("params") or {}).get("total") or 0 for s in plan["stages"]) if plan.get("stages") else 0
+    if m.path and os.path.isdir(os.path.expanduser(m.path)):
+        model = _dir_bytes(os.path.expanduser(m.path))
+    else:
+        model = params * per_param
+    tok = preset.tokenizer.path
+    tok = os.path.expanduser(tok) if tok and tok != m.path else None
+    tokenizer = _dir_bytes(tok) if tok and os.path.isdir(tok) else 0
+    drawn: dict[str, int] = {}
+    for st in plan.get("stages", []):
+        for s in (st.get("mixture") or {}).get("sources", []):
+            tokens = s.get("tokens") or 0
+            if s.get("epochs") and s["epochs"] > 1:  # repeated data: its unique tokens only
+                tokens = int(tokens / s["epochs"])
+            drawn[s["source"]] = max(drawn.get(s["source"], 0), tokens)
+    shards = 2 * sum(drawn.get(n, 0) + (src.val_tokens or 0) for n, src in preset.sources.items())
+    checkpoint = 0
+    for st, spec in zip(plan.get("stages", []), preset.stages):
+        b = ((st.get("memory") or {}).get("bytes") or {})
+        if spec.zero_stage == 0 and spec.checkpoint.enabled:
+            checkpoint = max(checkpoint, int(b.get("params", 0)) + int(b.get("optimizer", 0)))
+    return {"model": model, "tokenizer": tokenizer, "token shards": shards, "one checkpoint": checkpoint}
