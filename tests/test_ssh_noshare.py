@@ -301,3 +301,39 @@ def test_plan_commands_show_push_stream_pull(netns_private_nodes, cpt_home, tmp_
     out = r.stdout
     assert "shared_fs: false" in out and out.count("rsync -L") == 2 and "<stream-reader>" in out
     assert "pull final/" in out and "--protect-args" in out
+
+
+# --------------------------------------------------------------------------- the UI (no hosts needed)
+
+
+def test_run_detail_shows_a_node_disconnected_while_its_stream_is_down(tmp_path):
+    """The run detail's title names a node whose last connection event is node_disconnected (what the
+    ssh backend records while the event stream is down), until its node_connected."""
+    import asyncio
+
+    from cpt_tui.store import Store
+    from cpt_tui.ui import sample_db
+    from cpt_tui.ui.app import CptApp
+    from tests.pilot import until
+
+    db = tmp_path / "cpt-tui.db"
+    sample_db.build(db)
+    with Store(db) as s:
+        s.add_event(sample_db.LIVE, "@run", "status", state="node_connected", node="gpu-01", offset=0)
+        s.add_event(sample_db.LIVE, "@run", "status", state="node_disconnected", node="gpu-01", offset=4096,
+                    reason="event stream's ssh channel closed (exit 255)")
+
+    def title(app) -> str:
+        return str(app.screen.query_one("#run-title").render())
+
+    async def go():
+        app = CptApp(db, keymap={})
+        async with app.run_test(size=(160, 40)) as pilot:
+            await until(pilot, lambda: type(app.screen).__name__ == "RunsScreen")
+            app.open_run(sample_db.LIVE)
+            await until(pilot, lambda: type(app.screen).__name__ == "RunDetailScreen" and app.screen.data)
+            assert "node gpu-01: disconnected since" in title(app), title(app)
+            with Store(db) as s:
+                s.add_event(sample_db.LIVE, "@run", "status", state="node_connected", node="gpu-01", offset=4096)
+            await until(pilot, lambda: "disconnected" not in title(app), 15)
+    asyncio.run(go())

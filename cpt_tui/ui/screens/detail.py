@@ -34,6 +34,7 @@ class Detail:
     log: tuple[str, str]
     nodes: list[NodeTelemetry]
     bench: Optional[ForgettingTable] = None
+    disconnected: Optional[dict] = None  # node → since (ts): its event stream / channel is down
 
 
 class RunDetailScreen(PollingScreen):
@@ -141,7 +142,8 @@ class RunDetailScreen(PollingScreen):
         curves = load_curves(store, run["id"], self._buckets)
         d = Detail(run, stages, curves, recent_events(store, run["id"]), log_tail(run, stages),
                    node_telemetry(store, run["id"]),
-                   forgetting_table(store.benchmarks(run["id"]), [s.name for s in stages], store.evals(run["id"])))
+                   forgetting_table(store.benchmarks(run["id"]), [s.name for s in stages], store.evals(run["id"])),
+                   disconnected_nodes(store, run["id"]))
         self.fetch_seconds = time.perf_counter() - t0
         return d
 
@@ -162,6 +164,10 @@ class RunDetailScreen(PollingScreen):
         title.append(f"  preset {r['preset']}  dir {r['run_dir']}")
         if r.get("error"):
             title.append(f"\nerror: {r['error'][:300]}", style="red")
+        if r["status"] not in TERMINAL:
+            for node, since in sorted((d.disconnected or {}).items()):
+                title.append(f"\nnode {node}: disconnected since {time.strftime('%H:%M:%S', time.localtime(since))} "
+                             "(reconnecting)", style="bold yellow")
         self._put("#run-title", title)
         self._put("#timeline", stage_timeline(d.stages))
         self.draw_curves()
@@ -233,6 +239,22 @@ class RunDetailScreen(PollingScreen):
 
     def action_stop(self) -> None:
         self.app.stop_run(self.run_id)
+
+
+def disconnected_nodes(store: Store, run_id: str) -> dict:
+    """Nodes whose last connection event (ssh `shared_fs: false`: the event stream, a trainer's channel)
+    is `node_disconnected`, with its time; a later `node_connected` of the node, or a new stage attempt
+    (`stage_started`), clears it."""
+    down: dict = {}
+    for e in store.events(run_id, 200, skip_types=("metric",)):
+        state = e.data.get("state") if e.type == "status" else None
+        if state == "node_disconnected" and e.data.get("node"):
+            down.setdefault(e.data["node"], e.ts)
+        elif state == "node_connected":
+            down.pop(e.data.get("node"), None)
+        elif state == "stage_started":
+            down.clear()
+    return down
 
 
 def show_forgetting(table: DataTable, notes: Static, t: Optional[ForgettingTable]) -> None:
