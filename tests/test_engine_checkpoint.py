@@ -108,3 +108,46 @@ def test_faults_from_the_environment():
     f.step_begins(1)
     assert prep_kill_after({}) is None and prep_kill_after({"CPT_FAULT_PREP_KILL_AFTER": "100"}) == 100
     assert Faults({}).nan_steps == set()
+
+
+def test_node_local_dirs_every_node_writes_and_resume_takes_the_step_complete_everywhere(tmp_path, monkeypatch):
+    """shared_fs false (node_local_dirs): rank 1 on another node (LOCAL_RANK 0) is its node's directory
+    writer: it makes, commits and prunes its own copy. On resume every rank takes the newest step that
+    is complete on EVERY node (a crash between two nodes' commits: the previous one)."""
+    class NodeDist(_Dist):
+        def __init__(self, rank, others):
+            self.rank, self.world, self.others = rank, 2, others
+
+        def gather_objects(self, obj):
+            return [obj, *self.others] if self.rank == 0 else [*self.others, obj]
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    node_b = StageLayout(tmp_path / "node-b" / "stage")
+    ck = Checkpointer(node_b, CheckpointSpec(every_steps=8, keep_last=1), 100, NodeDist(1, [None]), _Events(),
+                      False, node_local=True)
+    assert ck.dir_writer  # not rank 0, but its node's first process
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    ck.bind(model, model, opt, None, hf_config=False)
+    for step in (8, 16):
+        ck.save(step, step * 100, lambda: {"step": step, "position": step})
+    names = sorted(p.name for p in (node_b.checkpoint(16)).iterdir())
+    assert names == ["model.safetensors", "optimizer.pt", "rng-rank1.pt", TRAINER_STATE]  # the node's own copy
+    assert [p.name for p in node_b.all_checkpoints()] == ["step-16"]  # pruned on this node too
+    assert not ck.ev.records  # only rank 0 writes events
+    # node A committed step 24, node B crashed before its commit (a .tmp-step-24 left): both resume at 16
+    node_b.tmp_checkpoint(24).mkdir()
+    a_steps = [16, 24]
+    ck.dist = NodeDist(1, [a_steps])
+    assert ck.choose() == node_b.checkpoint(16) and not node_b.tmp_checkpoints()
+    # a second process on node B (LOCAL_RANK 1) writes no directories, and agrees
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    other = Checkpointer(node_b, CheckpointSpec(every_steps=8), 100, NodeDist(1, [a_steps, [16]]), _Events(),
+                         False, node_local=True)
+    assert not other.dir_writer and other.choose() == node_b.checkpoint(16)
+    # no step in common (a node that lost its disk): start over, on every rank
+    ck.dist = NodeDist(1, [[24]])
+    assert ck.choose() is None
+    # without node-local dirs nothing changes: rank 1 writes no directory
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert not Checkpointer(node_b, CheckpointSpec(), 100, NodeDist(1, [None]), _Events(), False).dir_writer
