@@ -143,6 +143,9 @@ def test_two_stage_run_without_shared_disk(two_stage, netns_private_nodes):
     assert push[("s2", "node-a")]["bytes"] < 20_000, push[("s2", "node-a")]
     assert push[("s2", "node-b")]["bytes"] < final_size + 20_000, push[("s2", "node-b")]
     assert push[("s2", "node-b")]["size"] >= push[("s1", "node-b")]["size"]  # the same shards, not re-sent
+    for node in nn.nodes:  # each push's summary (bytes, seconds, bytes/s) is printed by `--run`
+        assert any(ln.startswith(f"[@run] pushed ") and f"to {node} for s1" in ln and "/s)" in ln
+                   for ln in r.res.stdout.splitlines()), r.res.stdout[-3000:]
     con.close()
     from transformers import AutoModelForCausalLM
     m = AutoModelForCausalLM.from_pretrained(str(run_dir / "stages" / "s2" / "final"))

@@ -20,7 +20,7 @@ import shutil
 import signal
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -43,6 +43,7 @@ PROPAGATED_NAMES = ("HF_HOME", "PYTHONPATH")
 MACHINE_SPECIFIC = ("NCCL_SOCKET_IFNAME", "NCCL_IB_HCA", "GLOO_SOCKET_IFNAME", "UCX_NET_DEVICES",
                     "NCCL_TOPO_FILE", "MASTER_ADDR")
 SSH_MAIN_PORT = 29500  # the main process port on nodes[0] unless cluster.main_process_port says otherwise
+PROGRESS_S = 2.0  # shared_fs false: a push's progress becomes a `progress` event at most this often per node
 ADOPT_WAIT_S = 60  # how long a new supervisor waits for the old one's remote processes to end
 _PROBE = ["-m", "engine.doctor", "--json"]  # the preflight's check on each node (engine/doctor.py)
 
@@ -400,23 +401,35 @@ class SshBackend(Backend):
                            f"({sync.human_bytes(need[i])}), {free} bytes free (short by {need[i] - free} bytes)")
         if bad:
             raise LaunchError("\n".join(bad))
+        latest: dict[str, str] = {}  # node → its push's latest progress line (written by the rsync threads)
         with ThreadPoolExecutor(max_workers=min(8, len(nodes))) as ex:
-            done = list(ex.map(lambda i: self._transfer(layout, i, trees[i]), range(len(nodes))))
+            futs = [ex.submit(self._transfer, layout, i, trees[i], latest=latest) for i in range(len(nodes))]
+            while not wait(futs, timeout=PROGRESS_S).done.issuperset(futs):
+                for name in names:  # on this (the supervisor's) thread: `progress` events (CLI, Events tab)
+                    if name in latest:
+                        self._note("progress", stage_name=layout.name, node=name, message=latest.pop(name))
+            done = [f.result() for f in futs]
         for i, t in enumerate(done):
+            rate = t.literal / t.seconds if t.seconds > 0 else 0.0
             self._note("transfer", op="push", stage_name=layout.name, node=names[i], bytes=t.literal,
                        size=t.total_size, changed=t.transferred_size, wire=t.sent, seconds=round(t.seconds, 3),
-                       message=f"pushed {sync.human_bytes(t.literal)} to {names[i]} "
-                               f"({sync.human_bytes(t.total_size)} of inputs, {t.seconds:.1f} s)")
+                       message=f"pushed {sync.human_bytes(t.literal)} to {names[i]} for {layout.name} "
+                               f"({sync.human_bytes(t.total_size)} of inputs, {t.seconds:.1f} s, "
+                               f"{sync.human_bytes(rate)}/s)")
 
-    def _transfer(self, layout: StageLayout, i: int, tree: Path, dry: bool = False) -> sync.Transfer:
+    def _transfer(self, layout: StageLayout, i: int, tree: Path, dry: bool = False,
+                  latest: Optional[dict] = None) -> sync.Transfer:
         node, name = self.cluster.nodes[i], node_names(self.cluster)[i]
         last = [0.0]
 
         def progress(done: int, pct: int, rate: str, eta: str) -> None:
+            line = f"push {layout.name} → {name}: {sync.human_bytes(done)} ({pct}%), {rate}, ETA {eta}"
+            if latest is not None:
+                latest[name] = line  # prepare_stage turns the latest into an event every PROGRESS_S
             now = time.monotonic()
             if now - last[0] >= 1.0:  # at most one line a second (stdout: supervisor.log)
                 last[0] = now
-                print(f"push {layout.name} → {name}: {sync.human_bytes(done)} ({pct}%), {rate}, ETA {eta}", flush=True)
+                print(line, flush=True)
 
         return sync.rsync(f"{tree}/", self._rsync_dest(node, ""), self._ssh_opts(node, name),
                           what=f"node {name}: push", extra=["-L", *(["--dry-run"] if dry else [])],

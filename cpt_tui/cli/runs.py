@@ -29,7 +29,7 @@ def _progress_printer():
             print(f"[{r['stage']}] {r['state']}" + (f": {r['reason']}" if r.get("reason") else ""), flush=True)
         elif t in ("warning", "error"):
             print(f"[{r['stage']}] {t}: {r.get('message')}", flush=True)
-        elif t == "progress" and r.get("message"):
+        elif t in ("progress", "transfer") and r.get("message"):  # transfer: ssh shared_fs false
             print(f"[{r['stage']}] {r['message']}", flush=True)
     return show
 
