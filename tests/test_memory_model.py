@@ -13,6 +13,7 @@ import pytest
 
 from engine import memory as M
 from engine.spec import LoraSpec, StageSpec, TrainableSpec
+from tests.hosts import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = dict(vocab_size=1000, hidden_size=64, intermediate_size=136, num_hidden_layers=2, num_attention_heads=4,
@@ -138,7 +139,7 @@ def test_zero_partitions_two_ranks(tmp_path, stage):
     out = tmp_path / "probe.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", str(29650 + stage), str(ROOT / "tests" / "memory_probe.py"), str(out),
+                    "--master_port", str(free_port()), str(ROOT / "tests" / "memory_probe.py"), str(out),
                     str(stage)], env=env, cwd=ROOT, check=True, timeout=600, capture_output=True)
     a = M.arch_from_hf(CFG)
     st = StageSpec.model_validate({"name": "s", "mixture": "m", "seq_len": 16, "global_batch_size": 1})
