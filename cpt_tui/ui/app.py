@@ -7,6 +7,8 @@ Stage plan, Launch, Nodes. Every binding has an id: remap them in `$CPT_TUI_HOME
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 from pathlib import Path
 from typing import Optional
@@ -15,6 +17,7 @@ import yaml
 from textual import work
 from textual.app import App
 from textual.binding import Binding
+from textual.screen import Screen
 
 from cpt_tui import paths
 from cpt_tui.ui.draft import Draft
@@ -67,6 +70,9 @@ class CptApp(App):
         self._preset = preset
         self._keymap = load_keymap() if keymap is None else keymap
         self._opening: Optional[str] = None  # run whose detail waits for its data before being shown
+        self._frozen = False  # gc.freeze() done (see _freeze_heap)
+        self.detail_warm = False  # the detail screen is built and rehearsed (benchmarks wait for it)
+        self._warming = None  # the worker doing that
         theme = os.environ.get("CPT_TUI_THEME")
         if theme:
             self.theme = theme
@@ -84,10 +90,61 @@ class CptApp(App):
         self.call_after_refresh(self._warm_detail)
 
     def _warm_detail(self) -> None:
-        if self.is_screen_installed("detail"):
+        if self.is_screen_installed("detail"):  # a run was opened first
+            self._freeze_heap()
+            self.detail_warm = True
             return
-        self.install_screen(RunDetailScreen(""), "detail")
-        self._get_screen("detail")  # Textual: registers the screen (compose + mount), not pushed
+        detail = RunDetailScreen("")
+        self.install_screen(detail, "detail")
+        _, mounted = self._get_screen("detail")  # Textual: registers the screen (compose + mount), not pushed
+        self._warming = self.run_worker(self._rehearse(detail, mounted), name="warm-detail", group="warm",
+                                        exit_on_error=False)
+
+    async def _rehearse(self, detail: RunDetailScreen, mounted) -> None:
+        """Then lay it out and render it off screen (RunDetailScreen.rehearse), then freeze the heap."""
+        try:
+            await mounted
+            await detail.rehearse()
+        finally:
+            self._freeze_heap()
+            self.detail_warm = True
+
+    def _freeze_heap(self) -> None:
+        """Move the objects of start-up (imports, widgets, styles: ~10^5) out of the garbage collector's
+        sight. Otherwise its first full collections, due soon after start-up, scan them all (~100 ms of
+        CPU each, twice) and land in the first open of a run. Unfrozen when the app exits."""
+        if not self._frozen:
+            self._frozen = True
+            gc.freeze()
+
+    async def _close_all(self) -> None:
+        # Textual prunes the screens on its stacks (each widget closes after its children, having
+        # handled its pending messages) but closes an installed screen that is on no stack (the warm
+        # run-detail) node by node in no order: a widget still handling a message when its children are
+        # gone raises at exit ("No Tab with id ...", "No nodes match 'HeaderTitle'": the app quit while
+        # that screen was still mounting). Let it finish mounting, then prune it the same way.
+        if self._warming is not None and not self._warming.is_finished:
+            self._warming.cancel()  # no more layout passes on a screen being closed
+            try:
+                await asyncio.wait_for(self._warming.wait(), 2.0)
+            except Exception:
+                pass
+        stacked = {s for stack in self._screen_stacks.values() for s in stack}
+        for screen in list(self._installed_screens.values()):
+            if isinstance(screen, Screen) and screen._running and screen not in stacked:
+                try:
+                    await asyncio.wait_for(screen._mounted_event.wait(), 2.0)
+                    if isinstance(screen, RunDetailScreen):
+                        await screen._drain()
+                except Exception:
+                    pass
+                await self._prune(screen)
+        await super()._close_all()
+
+    def on_unmount(self) -> None:
+        if self._frozen:
+            self._frozen = False
+            gc.unfreeze()
 
     # ------------------------------------------------------------------ shared state
     def load_draft(self, ref: str) -> Draft:

@@ -4,12 +4,15 @@ the benchmarks' forgetting table (tasks and validation domains × base model and
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from rich.cells import cell_len
 from rich.text import Text
+from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, VerticalScroll
@@ -58,6 +61,9 @@ class RunDetailScreen(PollingScreen):
         self._events: list = []  # what the events table shows
         self._telemetry_of: Optional[str] = None  # run whose sparklines are mounted
         self._telemetry_gen = 0
+        self._styled_for: Optional[tuple] = None  # the app's CSS state the widgets' styles were computed in
+        self._bench_of: Optional[str] = None  # run whose forgetting table is shown (see _read_bench)
+        self._bench_for: Optional[Detail] = None  # shown without its forgetting table: read it when painted
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -85,6 +91,63 @@ class RunDetailScreen(PollingScreen):
                              "`cpt-tui eval RUN`", id="forgetting-notes")
         yield KeysFooter()
 
+    # ------------------------------------------------------------------ built once, shown many times
+    def _css_state(self) -> tuple:
+        return self.app._css_update_count, self.app.pseudo_classes
+
+    def on_mount(self) -> None:
+        self._styled_for = self._css_state()  # every widget was just styled
+        super().on_mount()
+
+    def _on_screen_resume(self, event: events.ScreenResume) -> None:
+        # Runs before Textual's Screen._on_screen_resume, which restyles every widget on each push
+        # (~25 ms of CPU for this screen: a third of a reopen's main-thread work). The styles can only
+        # be stale if the app's CSS (theme, stylesheet: `_css_update_count`) or its pseudo-classes
+        # (focus, dark/light) changed while the screen was not shown; changes within the screen
+        # (classes, focus, hover) restyle their widgets as they happen.
+        state = self._css_state()
+        if event.refresh_styles and state == self._styled_for:
+            event.refresh_styles = False
+        self._styled_for = state
+
+    def _compositor_refresh(self) -> None:
+        # After a push Textual paints twice in one update: the layout pass sends the widgets that
+        # changed (a partial frame over what the terminal shows, i.e. the previous screen), then the
+        # repaint that the push requested sends the whole screen. When that full repaint is pending
+        # (it always runs in the same Screen._on_timer_update, or the next one), the partial frame is
+        # wasted work and a wrong frame: skip it.
+        if self._repaint_required and not self.app.is_inline and self is self.app.screen:
+            return
+        super()._compositor_refresh()
+
+    async def rehearse(self) -> None:
+        """Lay out and render the screen once, off screen, at the app's size (call before it is first
+        shown). The first show then costs what a reopen costs: the charts' canvases are sized, their
+        legends placed and the widgets measured already, instead of in two extra layout and paint
+        passes after the first frame. Best effort (it uses Textual internals): on any error the first
+        show just does that work itself."""
+        try:
+            await self._drain()
+            for _ in range(2):  # the second pass places what the first one sized (the legends)
+                if self.is_current or not self.is_attached or not self.app._running:
+                    return
+                self._refresh_layout(self.app.size)  # not painted: the screen is not current
+                await self._drain()
+                self._compositor.render_update(full=True)  # widgets render: the charts size their canvases
+                await self._drain()
+        except Exception:
+            pass
+
+    async def _drain(self) -> None:
+        """Wait until every widget of the screen has handled the messages posted to it so far."""
+        done = []
+        for node in self.walk_children(with_self=True):
+            ev = asyncio.Event()
+            if node.call_later(ev.set):
+                done.append(ev.wait())
+        if done:
+            await asyncio.wait_for(asyncio.gather(*done), 2.0)
+
     def set_run(self, run_id: str) -> None:
         """Show another run (the screen is built once and reused: opening a run only reads data). The
         previous run's widgets are overwritten by the new data, or cleared if the screen is shown first."""
@@ -103,8 +166,11 @@ class RunDetailScreen(PollingScreen):
         d = self.data
         if d is None or d.run["id"] != self.run_id:
             self._clear()  # still showing the previous run
-        elif time.monotonic() - self.last_poll < 1.0:
-            return  # just read before the screen was pushed (App.open_run)
+        else:
+            if self._bench_for is not None:
+                self.call_after_refresh(self._read_bench)
+            if time.monotonic() - self.last_poll < 1.0:
+                return  # just read before the screen was pushed (App.open_run)
         self.poll()
 
     def _put(self, selector: str, text: Text) -> None:
@@ -134,16 +200,19 @@ class RunDetailScreen(PollingScreen):
         run = store.run(self.run_id)
         if run is None:
             return None
-        old = self.data
-        if old and old.run["id"] == run["id"] and old.run["status"] in TERMINAL and run["status"] == old.run["status"] and old.curves:
+        old = self.data if self.data is not None and self.data.run["id"] == run["id"] else None
+        if (old and old.run["status"] in TERMINAL and run["status"] == old.run["status"] and old.curves
+                and old.bench is not None):
             return old  # a finished run does not change: nothing to redraw
         t0 = time.perf_counter()
         stages = store.stages(run["id"])
         curves = load_curves(store, run["id"], self._buckets)
+        # The forgetting table reads every validation row of the run (Python-heavy: 2000 rows ~30 ms) for
+        # a tab that is hidden when a run is opened: on a run's first read it comes right after the
+        # first paint (_read_bench); later polls (a live run) read it with the rest.
+        bench = _bench(store, run["id"], stages) if old is not None else None
         d = Detail(run, stages, curves, recent_events(store, run["id"]), log_tail(run, stages),
-                   node_telemetry(store, run["id"]),
-                   forgetting_table(store.benchmarks(run["id"]), [s.name for s in stages], store.evals(run["id"])),
-                   disconnected_nodes(store, run["id"]))
+                   node_telemetry(store, run["id"]), bench, disconnected_nodes(store, run["id"]))
         self.fetch_seconds = time.perf_counter() - t0
         return d
 
@@ -175,7 +244,39 @@ class RunDetailScreen(PollingScreen):
         name, text = d.log
         self._put("#log", Text(f"== {name} ==\n{text}" if name else text))
         self._show_telemetry(d.nodes)
-        show_forgetting(self.query_one("#forgetting", DataTable), self.query_one("#forgetting-notes", Static), d.bench)
+        if d.bench is not None or self._bench_of != self.run_id:
+            self._bench_of = self.run_id if d.bench is not None else None
+            show_forgetting(self.query_one("#forgetting", DataTable), self.query_one("#forgetting-notes", Static),
+                            d.bench, pending=d.bench is None)
+        self._bench_for = d if d.bench is None else None
+        if self._bench_for is not None and self.is_current:
+            self.call_after_refresh(self._read_bench)  # else when shown (resumed)
+
+    def _read_bench(self) -> None:
+        """Read the forgetting table of the run shown (after the frame that shows the run is painted)."""
+        d, self._bench_for = self._bench_for, None
+        if d is not None and d is self.data:
+            self._bench_worker(self.app, d)
+
+    @work(thread=True, exit_on_error=False, group="bench")
+    def _bench_worker(self, app, d: Detail) -> None:
+        bench = None
+        try:
+            if Path(app.db_path).exists():
+                store = Store(app.db_path, readonly=True)
+                try:
+                    bench = _bench(store, d.run["id"], d.stages)
+                finally:
+                    store.close()
+        finally:
+            app.call_from_thread(self._bench_done, d, bench)
+
+    def _bench_done(self, d: Detail, bench: Optional[ForgettingTable]) -> None:
+        if d is not self.data or d.bench is not None:
+            return  # another run, or a later poll, is shown
+        d.bench = bench  # None (the read failed): the next poll reads it again
+        self._bench_of = self.run_id if bench is not None else None
+        show_forgetting(self.query_one("#forgetting", DataTable), self.query_one("#forgetting-notes", Static), bench)
 
     def draw_curves(self) -> None:
         if not self.data or not self.data.curves:
@@ -257,9 +358,17 @@ def disconnected_nodes(store: Store, run_id: str) -> dict:
     return down
 
 
-def show_forgetting(table: DataTable, notes: Static, t: Optional[ForgettingTable]) -> None:
-    """Fill a DataTable with a forgetting table: value (delta vs base-model), green better / red worse."""
+def _bench(store: Store, run_id: str, stages: list) -> ForgettingTable:
+    return forgetting_table(store.benchmarks(run_id), [s.name for s in stages], store.evals(run_id))
+
+
+def show_forgetting(table: DataTable, notes: Static, t: Optional[ForgettingTable], pending: bool = False) -> None:
+    """Fill a DataTable with a forgetting table: value (delta vs base-model), green better / red worse
+    (`pending`: empty while it is being read)."""
     table.clear(columns=True)
+    if pending:
+        notes.update("reading benchmark results…")
+        return
     if t is None or not t.rows:
         notes.update("no benchmark results: add a `benchmarks:` block to the preset, or run `cpt-tui eval RUN`")
         return
