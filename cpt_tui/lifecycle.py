@@ -175,10 +175,13 @@ def start_detached(preset_path: str | Path, db_path: str | Path, from_stage: Opt
         backend.commands(preset.stages[0], "stage.json", "<unused>", write_configs=False)
     except LaunchError as e:
         raise Invalid(f"{path}: cluster: {e}") from None
+    warnings = judge_memory(preset, plan, backend.reports)
     store = Store(db_path)
     try:
         opts = {**DEFAULTS, **options, **lineage, "cache": str(cache_dir().resolve()), "cwd": os.getcwd()}
         run_id = create_run(store, Path(path).resolve(), preset, plan, opts)
+        for msg in warnings:
+            store.add_event(run_id, RUN_STREAM, "warning", kind="memory", message=msg)
         try:
             spawn(run_id, db_path)
         except RuntimeError as e:
@@ -187,6 +190,28 @@ def start_detached(preset_path: str | Path, db_path: str | Path, from_stage: Opt
     finally:
         store.close()
     return run_id
+
+
+def judge_memory(preset: Preset, plan: dict, reports: dict) -> list[str]:
+    """Judge each stage's memory estimate (the plan's `memory`, updated in place) against the smallest
+    GPU the preflight probes saw, unless the preset sets cluster.gpu_memory_gb. Returns a warning per
+    stage that does not fit (an estimate: the run is not refused)."""
+    from engine.memory import judge_against, smallest_gpu
+
+    gpu = None if preset.cluster.gpu_memory_gb else smallest_gpu(reports)
+    if gpu is None:
+        return []
+    out = []
+    for st in plan["stages"]:
+        mem = st.get("memory")
+        if mem is None:
+            continue
+        st["memory"] = mem = judge_against(mem, *gpu)
+        if mem["verdict"] == "does not fit":
+            out.append(f"stage {st['name']}: the memory estimate is {mem['per_process_gpu_bytes'] / 2**30:.1f} GiB "
+                       f"per process, more than the smallest GPU ({gpu[1]}); lower micro_batch_size, turn on "
+                       "gradient_checkpointing or raise zero_stage (`cpt-tui plan` shows the parts)")
+    return out
 
 
 def request_stop(store: Store, run_id: str) -> str:

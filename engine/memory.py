@@ -351,11 +351,7 @@ def stage_memory(a: Arch, stage, world: int, tokens: Optional[int] = None, gpu_m
         "per_process_gpu_bytes": int(gpu_bytes), "per_process_cpu_bytes": int(cpu_bytes),
         "gpu_memory_bytes": int(gpu_memory_gb * GiB) if gpu_memory_gb else None,
     }
-    if gpu_memory_gb:
-        cap = gpu_memory_gb * GiB
-        out["verdict"] = "fits" if gpu_bytes <= 0.9 * cap else "tight" if gpu_bytes <= cap else "does not fit"
-    else:
-        out["verdict"] = "unknown GPU memory"
+    out["verdict"] = verdict(gpu_bytes, gpu_memory_gb * GiB) if gpu_memory_gb else "unknown GPU memory"
     fpt = flops_per_token(a, ten, stage.seq_len, stage.gradient_checkpointing)
     out["flops_per_token"] = fpt
     if measured_tokens_per_s:
@@ -371,6 +367,33 @@ def stage_memory(a: Arch, stage, world: int, tokens: Optional[int] = None, gpu_m
     return out
 
 
+def verdict(need: float, capacity: float) -> str:
+    return "fits" if need <= 0.9 * capacity else "tight" if need <= capacity else "does not fit"
+
+
+def smallest_gpu(reports: dict) -> Optional[tuple[int, str]]:
+    """(bytes, "node N: NAME") of the smallest GPU the nodes' preflight probes (engine/doctor.py reports:
+    torch's devices, else NVML's) saw on nodes that will train on CUDA; None if none was seen."""
+    best: Optional[tuple[int, str]] = None
+    for node, rep in reports.items():
+        if not isinstance(rep, dict) or rep.get("device") != "cuda":
+            continue
+        for d in rep.get("cuda_devices") or (rep.get("nvml") or {}).get("devices") or []:
+            if d.get("total_mib"):
+                b = int(d["total_mib"]) << 20
+                if best is None or b < best[0]:
+                    best = (b, f"node {node}: {d.get('name') or 'GPU'} ({d['total_mib']:,} MiB)")
+    return best
+
+
+def judge_against(mem: Optional[dict], capacity: int, where: str) -> Optional[dict]:
+    """A plan `memory` entry judged against a GPU of `capacity` bytes (`where`: which one)."""
+    if mem is None:
+        return None
+    return {**mem, "gpu_memory_bytes": capacity, "gpu_memory_source": where,
+            "verdict": verdict(mem["per_process_gpu_bytes"], capacity)}
+
+
 def plan_memory(preset, index: int, tokens: Optional[int], world: int, vocab_size: Optional[int] = None) -> Optional[dict]:
     """stage_memory for the plan, or None when the architecture is unknown (a model not on disk)."""
     a = preset_arch(preset, vocab_size)
@@ -378,7 +401,7 @@ def plan_memory(preset, index: int, tokens: Optional[int], world: int, vocab_siz
         return None
     c = preset.cluster
     gpn = c.processes_per_node
-    gb = getattr(c, "gpu_memory_gb", None) or _env_float("CPT_GPU_MEMORY_GB")
+    gb = c.gpu_memory_gb or _env_float("CPT_GPU_MEMORY_GB")
     return stage_memory(a, preset.stages[index], world, tokens, gpu_memory_gb=gb, gpus_per_node=gpn)
 
 

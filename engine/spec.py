@@ -425,6 +425,9 @@ class ClusterSpec(_Strict):
                             "false (ssh): inputs are pushed to each node's workdir with rsync, events streamed "
                             "back over ssh, final/ pulled at the end of each stage")
     pull_checkpoints: bool = Field(False, description="shared_fs false: also pull the checkpoints back")
+    gpu_memory_gb: Optional[float] = Field(None, gt=0, le=1 << 20, description="memory of each GPU, for the "
+                                           "plan's memory verdict; default: the smallest GPU the preflight "
+                                           "probe sees on the nodes (NVML / torch)")
 
     @model_validator(mode="after")
     def _nodes(self):
@@ -434,6 +437,8 @@ class ClusterSpec(_Strict):
             self.slurm = SlurmSpec()
         if self.slurm is not None and self.kind != "slurm":
             raise ValueError("`slurm` is only used with kind: slurm")
+        if self.gpu_memory_gb is not None and self.device == "cpu":
+            raise ValueError("gpu_memory_gb is only used when training on GPUs (device is cpu)")
         if not self.shared_fs and self.kind != "ssh":
             raise ValueError("shared_fs: false needs kind: ssh (local and Slurm runs share the run directory)")
         return self

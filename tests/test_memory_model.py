@@ -183,3 +183,51 @@ def test_activation_and_loss_within_25_percent(shape):
     est = M.step_peak(M.activations(a, seq, micro, "fp32", ckpt), M.loss_buffer(a, seq, micro, fused, "fp32",
                                                                                   gpu=False))
     assert abs(est - measured) <= 0.25 * measured, (shape, est, measured, est / measured)
+
+
+# --------------------------------------------------------------------------- the verdict at preflight
+
+
+def _probe_report(device: str, *mib: int) -> dict:
+    """A node's preflight report in engine/doctor.py's format (torch's view of its GPUs)."""
+    return {"device": device, "cuda_available": device == "cuda", "cuda_device_count": len(mib),
+            "cuda_devices": [{"index": i, "name": f"GPU{i}", "total_mib": m, "free_mib": m} for i, m in enumerate(mib)],
+            "nvml": {"available": bool(mib), "count": len(mib), "devices": []}}
+
+
+def test_preflight_judges_memory_against_the_smallest_gpu_seen(tmp_path):
+    """No gpu_memory_gb in the preset: the smallest GPU of the nodes that train on CUDA (a CPU node is
+    ignored) becomes the verdict's capacity, recorded in the plan; a stage that does not fit gets a
+    warning naming the stage, the node and the GPU."""
+    import yaml as Y
+
+    from cpt_tui.lifecycle import judge_memory
+    from cpt_tui.presets import load_checked
+
+    doc = Y.safe_load((ROOT / "presets" / "tiny-demo.yaml").read_text())
+    doc["cluster"] = {"kind": "local", "device": "auto"}
+    p = tmp_path / "p.yaml"
+    p.write_text(Y.safe_dump(doc, sort_keys=False))
+    _, preset, plan = load_checked(str(p), check_paths=False)
+    need = [st["memory"]["per_process_gpu_bytes"] for st in plan["stages"]]
+    assert all(st["memory"]["verdict"] == "unknown GPU memory" for st in plan["stages"])
+    small = max(need) // 2**20 - 1  # MiB: just below the largest stage's estimate
+    reports = {"a": _probe_report("cuda", 81920, 81920), "b": _probe_report("cuda", small), "c": _probe_report("cpu")}
+    warnings = judge_memory(preset, plan, reports)
+    mems = [st["memory"] for st in plan["stages"]]
+    assert {m["gpu_memory_bytes"] for m in mems} == {small << 20}
+    assert all(m["gpu_memory_source"] == f"node b: GPU0 ({small:,} MiB)" for m in mems)
+    over = [st["name"] for st, n in zip(plan["stages"], need) if n > small << 20]
+    assert over and [m["verdict"] for m in mems if m["per_process_gpu_bytes"] > small << 20] == ["does not fit"] * len(over)
+    assert len(warnings) == len(over) and all(f"stage {n}:" in w and "node b: GPU0" in w for n, w in zip(over, warnings))
+    # the preset's own capacity wins over the probe; and it is refused where no GPU trains
+    doc["cluster"]["gpu_memory_gb"] = 80
+    p.write_text(Y.safe_dump(doc, sort_keys=False))
+    _, preset, plan = load_checked(str(p), check_paths=False)
+    assert judge_memory(preset, plan, reports) == [] and all(st["memory"]["verdict"] == "fits" for st in plan["stages"])
+    doc["cluster"]["device"] = "cpu"
+    p.write_text(Y.safe_dump(doc, sort_keys=False))
+    from cpt_tui.presets import Invalid
+
+    with pytest.raises(Invalid, match="gpu_memory_gb"):
+        load_checked(str(p), check_paths=False)
