@@ -68,6 +68,15 @@ def test_from_stage_on_a_tiny_preset_equals_the_uninterrupted_run(cpt_home, tmp_
     assert wait_done(env, second, 900)["status"] == "done"
     want = _losses(db, first, "b")
     assert len(want) == 12 and _losses(db, second, "b") == want and _losses(db, second, "a") == []
+    # the curves show the lineage: stage a from the first run, then b, on one step / tokens axis
+    from cpt_tui.store import Store
+    from cpt_tui.ui.data import load_curves
+
+    with Store(db, readonly=True) as st:
+        c = load_curves(st, second)
+    assert [s.name for s in c.stages] == [f"a ({first})", "b"]
+    assert list(zip(c.step, c.loss)) == [(float(s), x) for s, x in _losses(db, first, "a") + [(12 + s, x) for s, x in want]]
+    assert c.tokens[11] == c.stages[1].token_offset and c.tokens[12] > c.tokens[11]
     final_a = f"{run_row(env, first)['run_dir']}/stages/a/final"
     third = start(env, preset, "--from-stage", "b", "--init-from", final_a, "--telemetry-interval", "0")
     assert wait_done(env, third, 900)["status"] == "done"

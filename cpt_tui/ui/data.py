@@ -139,12 +139,27 @@ def ema(values: list[float], alpha: float) -> list[float]:
     return out
 
 
+def _lineage_sources(store: Store, run_id: str, stages: list) -> list[str]:
+    """The run each stage's curve comes from: its own, or — for a stage `--from-stage` skipped — the
+    earlier run whose finished stages it started from (`--init-from RUN`), so the curves show the
+    whole lineage on one axis."""
+    try:
+        lin = json.loads(store.run(run_id)["options"] or "{}").get("lineage") or {}
+    except (TypeError, ValueError):
+        lin = {}
+    init = lin.get("init_from") or {}
+    earlier = set(init.get("stages") or []) if init.get("run") else set()
+    return [init["run"] if s["status"] == "skipped" and s["name"] in earlier else run_id for s in stages]
+
+
 def load_curves(store: Store, run_id: str, buckets: int = 400) -> Curves:
     """Metrics downsampled in SQL to about `buckets` points over the whole run (split between stages by
-    their step extent), stages laid end to end on a global step / tokens axis."""
+    their step extent), stages laid end to end on a global step / tokens axis; stages skipped by
+    `--from-stage` show the earlier run's curves (their span is named `NAME (RUN)`)."""
     c = Curves()
     stages = store.stages(run_id)
-    extents = [store.metric_extent(run_id, s["name"]) for s in stages]
+    sources = _lineage_sources(store, run_id, stages)
+    extents = [store.metric_extent(src, s["name"]) for src, s in zip(sources, stages)]
     spans = []
     for s, e in zip(stages, extents):
         planned = s["steps_total"] or 0
@@ -153,19 +168,20 @@ def load_curves(store: Store, run_id: str, buckets: int = 400) -> Curves:
         spans.append((steps, tokens))
     total_steps = sum(st for st, _ in spans) or 1
     step_off = tok_off = 0.0
-    for s, e, (steps, tokens) in zip(stages, extents, spans):
-        c.stages.append(StageSpan(s["name"], s["status"], step_off, tok_off, steps, tokens))
+    for s, src, e, (steps, tokens) in zip(stages, sources, extents, spans):
+        name = s["name"] if src == run_id else f"{s['name']} ({src})"
+        c.stages.append(StageSpan(name, s["status"], step_off, tok_off, steps, tokens))
         if e:
             lo, hi = e["first_step"], e["last_step"]
             nb = max(8, int(buckets * steps / total_steps))
-            for _, step, tok, loss, lr, tps, n in store.metric_buckets(run_id, s["name"], lo, hi, nb):
+            for _, step, tok, loss, lr, tps, n in store.metric_buckets(src, s["name"], lo, hi, nb):
                 c.step.append(step_off + step)
                 c.tokens.append(tok_off + (tok or 0))
                 c.loss.append(loss)
                 c.lr.append(lr)
                 c.tps.append(tps)
             c.points += hi - lo + 1
-            for domain, step, tok, loss in store.eval_buckets(run_id, s["name"], lo, hi, nb):
+            for domain, step, tok, loss in store.eval_buckets(src, s["name"], lo, hi, nb):
                 xs = c.evals.setdefault(domain or "?", ([], [], []))
                 xs[0].append(step_off + step)
                 xs[1].append(tok_off + (tok or 0))
