@@ -117,18 +117,18 @@ def build(spec: dict, block: dict, purge_step: Optional[int] = None):
 
 
 def logged_upto(events_path) -> int:
-    """The last step whose metric / eval an earlier attempt of this stage logged (0: none)."""
+    """The last step whose metric / eval an earlier attempt of this stage logged (-1: none)."""
     from engine.events import read_events
 
     recs, _ = read_events(events_path)
-    return max((int(r["step"]) for r in recs if r["type"] in ("metric", "eval")), default=0)
+    return max((int(r["step"]) for r in recs if r["type"] in ("metric", "eval")), default=-1)
 
 
 class Trackers:
     """The run's trackers in this stage (rank 0). `warn(message)` records a tracker failure. `logged`:
     the step up to which earlier attempts of the stage logged (see the module docstring)."""
 
-    def __init__(self, block: dict, warn: Callable[[str], None], builder=build, logged: int = 0):
+    def __init__(self, block: dict, warn: Callable[[str], None], builder=build, logged: int = -1):
         self.block = block
         self.warn = warn
         self.builder = builder
@@ -138,7 +138,7 @@ class Trackers:
         self.stage_index = int(block.get("stage_index") or 0)
         self.last = (0, 0)  # (step, tokens) of the stage, from the last metric / eval
         self.active: list = []
-        self.skip_upto: dict[int, int] = {}  # id(tracker) -> steps at or below it are not sent
+        self.skip_upto: dict[int, int] = {}  # id(tracker) -> steps at or below it are not sent (-1: none)
         self.started = False
         self._staged = False
 
@@ -154,22 +154,22 @@ class Trackers:
                 t = (self.builder(spec, self.block, purge_step=self.step_offset + start_step + 1) if purge
                      else self.builder(spec, self.block))
                 if t.name != "tensorboard" or self.stage_index == 0:  # TensorBoard: a new sub-run each time
-                    if not self.logged:
+                    if self.logged < 0:  # (a restart: the first attempt stored it)
                         t.store_init_configuration(self.block.get("config") or {})
                 # values at steps <= skip_upto are not sent (see the module docstring)
-                self.skip_upto[id(t)] = self.logged if spec["kind"] == "mlflow" else start_step
+                self.skip_upto[id(t)] = self.logged if spec["kind"] == "mlflow" else -1
                 self.active.append(t)
             except Exception as e:  # noqa: BLE001  (a tracker never stops the run)
                 self.warn(f"tracker {spec.get('kind')}: could not start ({type(e).__name__}: {e}); "
                           "training continues without it")
 
     def _log(self, step: int, tokens: int, values: dict) -> None:
-        self.begin(self.logged)  # (a metric before any `running` event: nothing is redone)
+        self.begin(max(self.logged, 0))  # (a metric before any `running` event: nothing is redone)
         self.last = (step, tokens)
         gstep = self.step_offset + step
         values = {**values, "tokens": self.tokens_offset + tokens, "stage_index": self.stage_index}
         for t in list(self.active):
-            if step <= self.skip_upto.get(id(t), 0):
+            if step <= self.skip_upto.get(id(t), -1):
                 continue  # an earlier attempt logged this step to this tracker
             try:
                 if not self._staged and t.name == "tensorboard":
