@@ -12,16 +12,23 @@ not available offline), converted to a tokenizer.json by transformers' TikTokenC
 Llama 3 style pattern), eos <|endoftext|>. `trained`: a 100,352-token byte-level BPE trained with
 `tokenizers` on the corpus (once, cached).
 Contenders, side by side in one run on the same cores (each in its own process):
-  (a) cpt-tui prep: the whole command (engine.data.pack.prepare_source: read + parse JSON, tokenize,
-      pack, write shards; the start-up check's verdict is cached beforehand and timed separately)
+  (a) cpt-tui prep: the whole command (engine.data.pack.Tokenizer + prepare_source: load the tokenizer,
+      read + parse JSON, tokenize, pack, write shards). What is cached per tokenizer and library
+      versions is computed beforehand and timed separately: the start-up check's verdict, the rank
+      derivation, and the tokenizer's backend + BOS/EOS conventions (its first load goes through
+      transformers, which imports torch)
   (b) tiktoken encode_ordinary_batch(num_threads=cores) over the parsed texts, with the Encoding
-      engine.data.tiktoken_bpe derives from the tokenizer.json (JSON parsing timed apart, orjson)
+      engine.data.tiktoken_bpe derives from the tokenizer.json (JSON parsing timed apart, orjson):
+      tiktoken's own batch API, which returns Python lists of ints
+  (b') tiktoken's core at its limit: encode_to_tiktoken_buffer (GIL released, no Python ints) in
+      `cores` threads with one CoreBPE each, longest documents first: no JSON, no checks, no packing
   (c) the Rust tokenizer's encode_batch_fast (all cores) over the parsed texts
   (d) Hugging Face datasets: load_dataset("json") + map(tokenize, batched, num_proc) + map(group_texts)
       with the itertools.chain group_texts of the current run_clm.py (PITFALLS #4: the fair baseline)
 Exactness: (c)'s ids (+ EOS per document) are hashed and compared with the shards prep wrote.
-Then the peak RSS (process tree) of prep on the corpus and on a --scale× larger one (the same file
-hard-linked: no extra disk). Wall-clock figures on a shared machine are noisy: the load average and
+Then the peak RSS (process tree: prep's process and the helper process of its sampled cross-check;
+and the main process alone) of prep on the corpus and on a --scale× larger one (the same file
+hard-linked: no extra disk; its documents are numbered on, so the cross-check samples others). Wall-clock figures on a shared machine are noisy: the load average and
 CPU seconds are printed too.
 """
 
@@ -139,31 +146,34 @@ def trained_tokenizer(wd: Path, corpus: Path) -> Path:
 
 # --------------------------------------------------------------------------- measurements
 
-def _tree_rss(p) -> int:
+def _tree_rss(p) -> tuple[int, int]:
+    """(RSS of the process tree, of its root alone)."""
     import psutil
     try:
         procs = [p] + p.children(recursive=True)
-        return sum(q.memory_info().rss for q in procs if q.is_running())
+        return sum(q.memory_info().rss for q in procs if q.is_running()), p.memory_info().rss
     except psutil.Error:
-        return 0
+        return 0, 0
 
 
-def run_measured(code: str, env: dict) -> tuple[dict, float, int]:
-    """Run `python -c code` (which prints one JSON line last); returns (its JSON, CPU seconds of the tree, peak tree RSS)."""
+def run_measured(code: str, env: dict) -> tuple[dict, float, int, int]:
+    """Run `python -c code` (which prints one JSON line last); returns (its JSON, CPU seconds of the tree,
+    peak tree RSS, peak RSS of the root process)."""
     import psutil
     t_cpu0 = os.times()
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
     ps = psutil.Process(proc.pid)
-    peak = 0
+    peak = peak_root = 0
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(ps))
+        tree, root = _tree_rss(ps)
+        peak, peak_root = max(peak, tree), max(peak_root, root)
         time.sleep(0.05)
     out = proc.stdout.read()
     if proc.returncode:
         raise SystemExit(f"benchmark step failed ({proc.returncode}):\n{out[-3000:]}")
     t_cpu1 = os.times()
     cpu = (t_cpu1.children_user - t_cpu0.children_user) + (t_cpu1.children_system - t_cpu0.children_system)
-    return json.loads(out.strip().splitlines()[-1]), cpu, peak
+    return json.loads(out.strip().splitlines()[-1]), cpu, peak, peak_root
 
 
 CHECK = """
@@ -171,10 +181,12 @@ import json, sys, time
 sys.path.insert(0, {root!r})
 from engine.data.pack import Tokenizer
 from engine.data.tokenize import fast_path_ok
+t0 = time.time()
 tok = Tokenizer({tok!r})
+t_load = time.time() - t0
 t0 = time.time()
 ok, why, excluded = fast_path_ok(tok.encoder_args())
-print(json.dumps({{"seconds": time.time() - t0, "ok": ok, "why": why, "excluded": len(excluded)}}))
+print(json.dumps({{"seconds": time.time() - t0, "load": t_load, "ok": ok, "why": why, "excluded": len(excluded)}}))
 """
 
 PREP = """
@@ -186,13 +198,17 @@ from engine.data.pack import Tokenizer, prepare_source
 from engine.spec import SourceSpec
 t0 = time.time()
 tok = Tokenizer({tok!r})
+t_tok = time.time() - t0
 man = prepare_source(SourceSpec(path={src!r}, val_tokens=0), "bench", tok, Path({out!r}), tok.fingerprint({tok!r}))
 sec = time.time() - t0
 h = hashlib.sha256()
-if {digest!r}:
+if {digest!r}:  # in 16 MB pieces: the digest must not add the whole stream to the peak RSS measured
     for p in sorted(Path({out!r}).glob("train-*.bin")):
-        h.update(np.fromfile(p, dtype=tok.dtype).astype(np.uint32).tobytes())
-print(json.dumps({{"seconds": sec, "tokens": man["train"]["tokens"], "documents": man["documents"], "sha": h.hexdigest()}}))
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(np.frombuffer(chunk, dtype=tok.dtype).astype(np.uint32).tobytes())
+print(json.dumps({{"seconds": sec, "tokenizer_load": t_tok, "tokens": man["train"]["tokens"], "documents": man["documents"],
+                  "sha": h.hexdigest()}}))
 """
 
 TIKTOKEN = """
@@ -211,6 +227,37 @@ n = 0
 for i in range(0, len(texts), 4096):
     n += sum(map(len, enc.encode_ordinary_batch(texts[i:i + 4096], num_threads={cores})))
 print(json.dumps({{"seconds": time.time() - t1, "parse": t_parse, "tokens": n + len(texts)}}))
+"""
+
+TIKTOKEN_CORE = """
+import json, sys, threading, time
+sys.path.insert(0, {root!r})
+import orjson
+from engine.data.tiktoken_bpe import TiktokenBPE, derive
+d, why = derive(json.loads(open({tokjson!r}).read()))
+base = TiktokenBPE(d)
+encs = [base] + [base.copy() for _ in range({cores} - 1)]  # one CoreBPE per thread (no contention)
+with open({src!r}, "rb") as f:
+    texts = [orjson.loads(l)["text"] for l in f]
+order = iter(sorted(range(len(texts)), key=lambda i: -len(texts[i])))  # longest first: no straggler at the end
+lock, counts = threading.Lock(), []
+
+def work(fb):
+    core, none, n = fb._core, fb._none, 0
+    while True:
+        with lock:
+            i = next(order, None)
+        if i is None:
+            counts.append(n)
+            return
+        n += len(core.encode_to_tiktoken_buffer(texts[i], none)) // 4
+t1 = time.time()
+threads = [threading.Thread(target=work, args=(e,)) for e in encs]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(json.dumps({{"seconds": time.time() - t1, "tokens": sum(counts) + len(texts)}}))
 """
 
 HF_ENCODE = """
@@ -302,6 +349,8 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "XDG_CACHE_HOME": str(wd / "xdg")}
     shutil.rmtree(wd / "xdg", ignore_errors=True)
     chk = run_measured(CHECK.format(root=str(ROOT), tok=str(tok_dir)), env)[0]
+    print(f"first load of the tokenizer (through transformers, which imports torch; then cached per tokenizer files and "
+          f"library versions): {chk['load']:.1f}s", flush=True)
     print(f"start-up check (derivation + probe, once per tokenizer and library versions): {chk['seconds']:.1f}s, "
           f"fast path {('on, ' + str(chk['excluded']) + ' characters excluded') if chk['ok'] else 'OFF: ' + chk['why']}", flush=True)
     res = {}
@@ -323,6 +372,7 @@ def main() -> int:
     res["tt"] = run_measured(tt_code, env)
     res["prep2"] = prep(str(corpus), "b")
     res["tt2"] = run_measured(tt_code, env)
+    res["core"] = run_measured(TIKTOKEN_CORE.format(root=str(ROOT), tokjson=tokjson, src=str(corpus), cores=cores), env)
     res["hf"] = run_measured(hf_code, par)
     if a.pools:
         res["prep_proc"] = prep(str(corpus), "p", pool="process")
@@ -336,16 +386,29 @@ def main() -> int:
     def sec(k):
         return res[k][0]["seconds"]
 
+    from engine.data.tokenize import VERIFY_EVERY, VERIFY_MAX_CHARS
+    import orjson
+    with open(corpus, "rb") as f:
+        lens = [len(orjson.loads(line)["text"]) for line in f]
+    sampled = lens[::VERIFY_EVERY]
+    kept = [n for n in sampled if n <= VERIFY_MAX_CHARS]
+    checked = (len(kept), sum(kept), sum(lens), len(sampled) - len(kept))
+
     tokens = res["prep"][0]["tokens"]
     prep_s = min(sec("prep"), sec("prep2"))
     tt_s = min(sec("tt"), sec("tt2"))
     tt_parse = min(res["tt"][0]["parse"], res["tt2"][0]["parse"])
     exact = res["prep"][0]["sha"] == res["hf"][0]["sha"] and tokens == res["hf"][0]["tokens"]
     print(f"(a) cpt-tui prep (whole command): {tokens / prep_s:>11,.0f} tokens/s  (runs {sec('prep'):.1f}s and "
-          f"{sec('prep2'):.1f}s wall, {res['prep'][1]:.1f} CPU-s; {tokens:,} tokens incl. EOS, "
-          f"{res['prep'][0]['documents']:,} documents, {size / prep_s / 1e6:.1f} MB/s)")
+          f"{sec('prep2'):.1f}s wall, {res['prep'][1]:.1f} and {res['prep2'][1]:.1f} CPU-s; of which loading the "
+          f"tokenizer {res['prep'][0]['tokenizer_load']:.1f}s and {res['prep2'][0]['tokenizer_load']:.1f}s; "
+          f"{tokens:,} tokens incl. EOS, {res['prep'][0]['documents']:,} documents, {size / prep_s / 1e6:.1f} MB/s)")
     print(f"(b) tiktoken encode_ordinary_batch({cores} threads): {tokens / tt_s:>11,.0f} tokens/s  (runs {sec('tt'):.1f}s "
-          f"and {sec('tt2'):.1f}s, after orjson parsing {tt_parse:.1f}s; {res['tt'][0]['tokens']:,} tokens incl. EOS)")
+          f"and {sec('tt2'):.1f}s, {res['tt'][1]:.1f} and {res['tt2'][1]:.1f} CPU-s incl. its parsing; after orjson "
+          f"parsing {tt_parse:.1f}s; {res['tt'][0]['tokens']:,} tokens incl. EOS)")
+    print(f"(b') tiktoken's core alone ({cores} threads, one CoreBPE each, buffers not lists, longest documents first): "
+          f"{tokens / sec('core'):>11,.0f} tokens/s  ({sec('core'):.1f}s after parsing, {res['core'][1]:.1f} CPU-s incl. "
+          f"parsing; {res['core'][0]['tokens']:,} tokens incl. EOS)")
     print(f"(c) HF encode_batch_fast ({cores} threads): {tokens / sec('hf'):>11,.0f} tokens/s  ({sec('hf'):.1f}s, after parsing)")
     if "prep_proc" in res:
         print(f"    prep with {cores} worker processes instead of threads: {tokens / sec('prep_proc'):,.0f} tokens/s "
@@ -356,12 +419,18 @@ def main() -> int:
               f"{h['load']:.1f} + tokenize {h['tokenize']:.1f} + group_texts {h['group']:.1f}; {res['ds'][1]:.1f} CPU-s)")
     print(f"exact ids: prep's shards {'==' if exact else '!='} the Rust tokenizer's ids + EOS for every document "
           f"(sha256 {res['prep'][0]['sha'][:12]} vs {res['hf'][0]['sha'][:12]})")
+    print(f"sampled cross-check during prep (engine/data/tokenize.py: documents 0, {VERIFY_EVERY}, {2 * VERIFY_EVERY}, ... "
+          f"re-encoded by the Rust tokenizer): {checked[0]:,} documents, {checked[1] / max(checked[2], 1):.1%} of the characters; "
+          f"{checked[3]} sampled documents over {VERIFY_MAX_CHARS:,} characters not re-encoded (bounded memory)")
     print(f"ratio prep/tiktoken = {tt_s / prep_s:.2f}   (target >= 0.8; tiktoken encode only, its JSON parsing not counted)")
     print(f"ratio prep/tiktoken_with_parse = {(tt_s + tt_parse) / prep_s:.2f}")
+    print(f"ratio prep/tiktoken_core = {sec('core') / prep_s:.2f}   (the encoder's limit on these cores: no JSON, no "
+          "checks, no packing or writing, an ideal schedule)")
     print(f"ratio prep/hf_encode = {sec('hf') / prep_s:.2f}")
     if "ds" in res:
         print(f"ratio prep/datasets = {res['ds'][0]['seconds'] / prep_s:.2f}")
-    print(f"peak RSS prep {size / 1e6:.0f} MB: {res['prep'][2] / 2**20:.0f} MiB (process tree)", flush=True)
+    print(f"peak RSS prep {size / 1e6:.0f} MB: {res['prep'][2] / 2**20:.0f} MiB (process tree; main process "
+          f"{res['prep'][3] / 2**20:.0f} MiB, the rest the cross-check process)", flush=True)
 
     if not a.skip_large:
         big = wd / f"big-{a.mb}x{a.scale}"
@@ -371,9 +440,10 @@ def main() -> int:
             os.link(corpus, big / f"part-{i:03d}.jsonl")
         r = prep(str(big / "*.jsonl"), "big")
         shutil.rmtree(big, ignore_errors=True)
-        print(f"peak RSS prep {a.scale * size / 1e6:.0f} MB: {r[2] / 2**20:.0f} MiB (process tree; "
-              f"{r[0]['tokens'] / r[0]['seconds']:,.0f} tokens/s)")
-        print(f"ratio peak RSS {a.scale}x/1x = {r[2] / res['prep'][2]:.2f}   (target <= 1.20)")
+        print(f"peak RSS prep {a.scale * size / 1e6:.0f} MB: {r[2] / 2**20:.0f} MiB (process tree; main process "
+              f"{r[3] / 2**20:.0f} MiB; {r[0]['tokens'] / r[0]['seconds']:,.0f} tokens/s)")
+        print(f"ratio peak RSS {a.scale}x/1x = {r[2] / res['prep'][2]:.2f}   (target <= 1.20; main process alone "
+              f"{r[3] / res['prep'][3]:.2f})")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0 if exact else 1
 

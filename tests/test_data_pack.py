@@ -124,6 +124,28 @@ def test_packing_is_exact(docs, shard, seq_len, bos, data_tok_dir, monkeypatch):
         assert (np.concatenate(blocks).tolist() if blocks else []) == expect[: n * seq_len]
 
 
+def test_tokenizer_loaded_from_its_cache_is_the_same(tmp_path, data_tok_dir, monkeypatch):
+    """The second load of a tokenizer directory comes from ~/.cache/cpt-tui (no transformers): the same
+    backend JSON, ids, BOS/EOS conventions and dtype; a changed file is a new key (loaded again)."""
+    import shutil
+
+    from engine.data.pack import _tokenizer_key
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    d = tmp_path / "tok"
+    shutil.copytree(data_tok_dir, d)
+    first, second = Tokenizer(d), Tokenizer(d)
+    assert first._backend_json is None and second._backend_json is not None  # through transformers, then cached
+    for a, b in ((first, second), (Tokenizer(d, add_bos=True), Tokenizer(d, add_bos=True))):
+        assert (a.eos_id, a.bos_id, a.vocab_size, a.dtype, a.fingerprint(d)) == \
+            (b.eos_id, b.bos_id, b.vocab_size, b.dtype, b.fingerprint(d))
+        assert a.encoder_args() == b.encoder_args()
+        assert a.backend.encode("doc 1: alpha beta\n").ids == b.backend.encode("doc 1: alpha beta\n").ids
+    key = _tokenizer_key(d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, "model_max_length": 77}))
+    assert _tokenizer_key(d) != key and Tokenizer(d)._backend_json is None
+
+
 def test_val_split_max_tokens_and_no_leak(tmp_path, data_tok, data_tok_dir):
     docs = make_docs(300, seed=1)
     src = write_jsonl(tmp_path / "in.jsonl", docs)

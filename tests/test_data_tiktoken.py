@@ -173,6 +173,9 @@ def test_refused_for_other_tokenizers(data_tok_dir, monkeypatch):
     assert fast is None and "probe" in why
     d, _ = derive(json.loads(gappy))
     assert TiktokenBPE(d).ids("word") is not None and TiktokenBPE(d).ids("two words") is None
+    # the gap check of a whole batch (one segmented sum) still tells the documents apart
+    got = TiktokenBPE(d).ids_batch(["word", "two words", "x", "", "a b", "café"])
+    assert [g is not None for g in got] == [True, False, True, True, False, True]
     monkeypatch.setenv("CPT_PREP_FAST", "0")
     assert fast_path_ok(((data_tok_dir / "tokenizer.json").read_text(), 0, 1, "uint16")) == (False, "CPT_PREP_FAST=0", ())
 
@@ -185,31 +188,82 @@ def test_a_disagreement_the_startup_checks_missed_stops_preparation(data_tok_dir
     enc = Encoder(js, 0, 1, "uint16", fast=True)
     assert enc.fast is not None
     enc(make_docs(10, seed=1))  # agrees: no error
-    real = enc.fast.ids
+    assert enc.checked_docs == 1  # document 0
+    real = enc.fast.ids_batch
 
-    def wrong(t):
-        ids = real(t)
-        return None if ids is None else np.concatenate([ids[:-1], ids[-1:] ^ 1]).astype(np.uint32)
-    enc.fast.ids = wrong  # one wrong id per document
+    def wrong(texts):
+        return [None if x is None else np.concatenate([x[:-1], x[-1:] ^ 1]).astype(np.uint32) for x in real(texts)]
+    enc.fast.ids_batch = wrong  # one wrong id per document
+    # the documents checked are those numbered 0, 64, 128, ... in the stream: a batch of documents
+    # 1..63 has none of them, documents 10..209 (numbered by the encoder's own calls) have three
+    enc(make_docs(63, seed=2), 1)
     with pytest.raises(DataError, match="CPT_PREP_FAST=0"):
         enc(make_docs(200, seed=2))
 
 
+def test_the_sampled_check_leaves_out_documents_too_long_to_re_encode(data_tok_dir, monkeypatch):
+    """A sampled document over VERIFY_MAX_CHARS is counted, not re-encoded (the Rust Encoding of a
+    multi-megabyte document would be hundreds of MB); the next sampled one is checked as usual."""
+    import engine.data.tokenize as tokenize
+    from engine.data.sources import DataError
+
+    monkeypatch.setattr(tokenize, "VERIFY_MAX_CHARS", 500)
+    enc = Encoder((data_tok_dir / "tokenizer.json").read_text(), 0, 1, "uint16", fast=True)
+    real = enc.fast.ids_batch
+    enc.fast.ids_batch = lambda texts: [None if x is None else np.concatenate([x[:-1], x[-1:] ^ 1]).astype(np.uint32)
+                                        for x in real(texts)]
+    long_doc = "alpha beta gamma " * 40  # 680 characters
+    enc([long_doc] + make_docs(63, seed=4), 0)  # document 0 is sampled but too long: not compared
+    assert (enc.checked_docs, enc.skipped_long) == (0, 1)
+    with pytest.raises(DataError, match="CPT_PREP_FAST=0"):
+        enc(make_docs(1, seed=5), 64)  # document 64 is short: compared, and the wrong id is caught
+
+
 def test_shards_are_byte_identical_with_the_path_on_and_off(data_tok_dir, tmp_path, monkeypatch):
+    import engine.data.pack as pack
+    import engine.data.tokenize as tokenize
     from engine.data.pack import Tokenizer as PrepTokenizer, prepare_source
     from engine.spec import SourceSpec
 
-    monkeypatch.setenv("CPT_PREP_WORKERS", "2")  # a pool even for a small source: the path is used
     monkeypatch.setenv("CPT_SHARD_TOKENS", "4096")
-    docs = make_docs(3000, seed=7) + TEXTS * 20 + make_docs(1000, seed=8)
+    docs = make_docs(3000, seed=7) + TEXTS * 20 + ["x" * 200_000] + make_docs(1000, seed=8)
     src = write_jsonl(tmp_path / "src.jsonl", docs)
     tok = PrepTokenizer(data_tok_dir)
     outs = {}
-    for flag in ("1", "0"):
+    # path on with 2 and 3 threads, small batches and a small window (many batches in flight,
+    # finishing out of order), and off (2 worker processes): the same bytes
+    for flag, workers, batch in (("1", "2", None), ("1", "3", 20_000), ("0", "2", None)):
         monkeypatch.setenv("CPT_PREP_FAST", flag)
-        out = tmp_path / f"out-{flag}"
+        monkeypatch.setenv("CPT_PREP_WORKERS", workers)  # a pool even for a small source: the path is used
+        if batch:
+            monkeypatch.setattr(pack, "BATCH_CHARS", batch)
+            monkeypatch.setattr(tokenize, "WINDOW_CHARS", 4 * batch)
+        out = tmp_path / f"out-{flag}-{workers}"
         man = prepare_source(SourceSpec(path=str(src), val_fraction=0.05, keep_boundaries=True), "src", tok, out,
                              tok.fingerprint(data_tok_dir))
-        outs[flag] = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".bin", ".idx")}
+        outs[flag, workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".bin", ".idx")}
         assert man["train"]["tokens"] > 0
-    assert len(outs["1"]) > 3 and outs["1"] == outs["0"]
+    assert len(outs["1", "2"]) > 3 and outs["1", "2"] == outs["1", "3"] == outs["0", "2"]
+
+
+def test_a_mismatch_during_preparation_stops_it_and_nothing_is_complete(data_tok_dir, tmp_path, monkeypatch):
+    """The sampled cross-check inside a whole preparation (threads): a wrong id after the start-up
+    check passed raises DataError naming the switch, and the source has no manifest."""
+    from engine.data.pack import Tokenizer as PrepTokenizer, prepare_source
+    from engine.data.sources import DataError
+    from engine.spec import SourceSpec
+
+    monkeypatch.setenv("CPT_PREP_WORKERS", "2")
+    monkeypatch.setenv("CPT_PREP_FAST", "1")
+    tok = PrepTokenizer(data_tok_dir)
+    assert fast_path_ok(tok.encoder_args())[0]  # the start-up check passes (and its result is kept)
+    real = TiktokenBPE.ids_batch
+
+    def wrong(self, texts):
+        return [None if x is None else np.concatenate([x[:-1], x[-1:] ^ 1]).astype(np.uint32) for x in real(self, texts)]
+    monkeypatch.setattr(TiktokenBPE, "ids_batch", wrong)
+    src = write_jsonl(tmp_path / "src.jsonl", make_docs(3000, seed=9))
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="CPT_PREP_FAST=0"):
+        prepare_source(SourceSpec(path=str(src)), "src", tok, out, tok.fingerprint(data_tok_dir))
+    assert not (out / "manifest.json").exists()

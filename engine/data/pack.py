@@ -31,7 +31,7 @@ import numpy as np
 from engine.data.foreign import ForeignReader, is_foreign
 from engine.data.shards import ShardWriter, TokenStream
 from engine.data.sources import Counters, DataError, Position, SourceReader, source_files
-from engine.data.tokenize import EncodePool, default_workers
+from engine.data.tokenize import EncodePool, default_workers, share_backend
 from engine.faults import prep_kill_after
 from engine.spec import SourceSpec
 
@@ -87,34 +87,114 @@ def prepared_dir(cache: str | Path, name: str, spec: SourceSpec, tok_fp: str) ->
 
 
 class Tokenizer:
-    """The fast tokenizer's Rust backend plus the BOS/EOS conventions of the HF tokenizer."""
+    """The fast tokenizer's Rust backend plus the BOS/EOS conventions of the HF tokenizer.
+
+    Loading it through transformers imports transformers and torch (~2-4 s here, more than tokenizing
+    100 MB takes): for a local directory with a tokenizer.json, what preparation needs from it (the
+    backend's JSON, eos/bos ids, whether it prepends BOS, its length) is kept in ~/.cache/cpt-tui per
+    content of the directory's files and transformers/tokenizers versions, and later loads build the
+    backend from that JSON with `tokenizers` alone (as the worker processes always did), on first use
+    (`backend`): preparation's tiktoken path does without it."""
 
     def __init__(self, tokenizer_dir: str | Path, add_bos: bool | None = None):
-        from transformers import AutoTokenizer  # imported here: only preparation needs it
-
-        hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        if not hf.is_fast:
-            raise DataError(f"{tokenizer_dir}: not a fast tokenizer; preparation needs tokenizer.json")
-        self.backend = hf.backend_tokenizer
+        facts = _tokenizer_facts(tokenizer_dir)
+        self._encoder_args = None
+        if isinstance(facts[0], str):  # from the cache: no transformers; the backend is built on first use
+            self._backend, self._backend_json = None, facts[0]
+        else:
+            self._backend, self._backend_json = facts[0], None
+        f = facts[1]
         self.name_or_path = str(tokenizer_dir)
-        self.eos_id = hf.eos_token_id
+        self.eos_id = f["eos_token_id"]
         if self.eos_id is None:
             raise DataError(f"{tokenizer_dir}: the tokenizer has no eos_token; set one in tokenizer_config.json")
-        self.bos_id = hf.bos_token_id if (add_bos if add_bos is not None else _adds_bos(hf)) else None
-        self.vocab_size = len(hf)
-        self.dtype = token_dtype(max(self.vocab_size, self.backend.get_vocab_size(with_added_tokens=True)))
+        self.bos_id = f["bos_token_id"] if (add_bos if add_bos is not None else f["adds_bos"]) else None
+        self.vocab_size = f["len"]
+        self.dtype = token_dtype(max(self.vocab_size, f["ids"]))
+
+    @property
+    def backend(self):
+        """The Rust tokenizer (built from the cached JSON on first use: preparation's tiktoken path needs none)."""
+        if self._backend is None:
+            from tokenizers import Tokenizer as RustTokenizer
+            self._backend = RustTokenizer.from_str(self._backend_json)
+        return self._backend
 
     def fingerprint(self, tokenizer_dir: str | Path) -> str:
         base = tokenizer_fingerprint(tokenizer_dir) if Path(tokenizer_dir).exists() else str(tokenizer_dir)
         return f"{base}|bos={self.bos_id}|eos={self.eos_id}|{self.dtype.name}"
 
     def encoder_args(self) -> tuple:
-        return (self.backend.to_str(), self.bos_id, self.eos_id, self.dtype.name)
+        # kept: the same string each time, so the tiktoken path built for it is found again (tokenize._fast_setup)
+        if self._encoder_args is None:
+            js = self._backend_json if self._backend_json is not None else self.backend.to_str()
+            self._encoder_args = (js, self.bos_id, self.eos_id, self.dtype.name)
+            if self._backend is not None:
+                share_backend(js, self._backend)  # in-process encoders use this one
+        return self._encoder_args
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         encs = self.backend.encode_batch(texts, add_special_tokens=False)
         pre = [self.bos_id] if self.bos_id is not None else []
         return [pre + e.ids + [self.eos_id] for e in encs]
+
+
+TOKENIZER_CACHE_VERSION = 2
+_BIG_FILE = 64 << 20  # files above this size (model weights) enter the cache key by name, size and mtime
+
+
+def _tokenizer_key(tokenizer_dir: Path) -> Optional[str]:
+    """The content key of what AutoTokenizer reads from a local directory, or None (no cache)."""
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        return None
+    try:
+        from importlib.metadata import version
+        h = hashlib.sha256(f"{TOKENIZER_CACHE_VERSION}|{version('transformers')}|{version('tokenizers')}".encode())
+        for p in sorted(tokenizer_dir.iterdir()):
+            if not p.is_file():
+                continue
+            st = p.stat()
+            h.update(f"|{p.name}|{st.st_size}|".encode())
+            h.update(p.read_bytes() if st.st_size <= _BIG_FILE else str(st.st_mtime_ns).encode())
+        return h.hexdigest()[:24]
+    except Exception:  # unreadable file, no package metadata: load through transformers
+        return None
+
+
+def _tokenizer_facts(tokenizer_dir: str | Path) -> tuple:
+    """(backend JSON from the cache or the backend itself, {eos_token_id, bos_token_id, adds_bos, len, ids})."""
+    from engine.data.tiktoken_bpe import _cache_file
+
+    d = Path(tokenizer_dir)
+    key = _tokenizer_key(d) if d.is_dir() else None
+    cache = _cache_file().parent / "tokenizers"
+    if key is not None:
+        try:
+            facts = json.loads((cache / f"{key}.json").read_text())
+            js = (cache / f"{key}.tokenizer.json").read_text()
+            if facts.pop("sha256") == hashlib.sha256(js.encode()).hexdigest():
+                return js, facts
+        except (OSError, ValueError, KeyError):
+            pass
+    from transformers import AutoTokenizer  # imported here: only preparation needs it
+
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if not hf.is_fast:
+        raise DataError(f"{tokenizer_dir}: not a fast tokenizer; preparation needs tokenizer.json")
+    facts = {"eos_token_id": hf.eos_token_id, "bos_token_id": hf.bos_token_id, "adds_bos": _adds_bos(hf), "len": len(hf),
+             "ids": hf.backend_tokenizer.get_vocab_size(with_added_tokens=True)}
+    if key is not None:
+        try:  # best effort: without it the next load goes through transformers again
+            js = hf.backend_tokenizer.to_str()
+            cache.mkdir(parents=True, exist_ok=True)
+            for name, text in ((f"{key}.tokenizer.json", js),
+                               (f"{key}.json", json.dumps({**facts, "sha256": hashlib.sha256(js.encode()).hexdigest()}))):
+                tmp = cache / f"{name}.{os.getpid()}.tmp"
+                tmp.write_text(text)
+                os.replace(tmp, cache / name)
+        except OSError:
+            pass
+    return hf.backend_tokenizer, facts
 
 
 def _adds_bos(hf) -> bool:
@@ -342,6 +422,8 @@ def _prepare_locked(spec, name, tokenizer, out, fp, tok_fp, progress, pool) -> d
     kill_after = prep_kill_after()  # engine/faults.py
 
     def commit(meta: dict) -> None:
+        if pool is not None:  # the sampled cross-checks of what is written so far have passed
+            pool.settle()
         for w in (train, val, bounds):
             if w is not None:
                 w.sync()

@@ -14,7 +14,8 @@ derivation before using it:
     and id(ab) never decreases along the merge list (merge priority = rank); every multi-byte
     token is the result of a merge. (Trained vocabularies have one merge per token, converted
     tiktoken ones every split of each token into two tokens; both pass.) Anything else: None with the reason, and the
-    Rust tokenizer is used.
+    Rust tokenizer is used. `derive_cached` keeps the result per tokenizer.json and version of this
+    module (with a digest: a damaged file is derived again).
   * `verify` (behaviour, once per tokenizer and library versions, verdict cached in
     ~/.cache/cpt-tui): unless the tokenizer has `ignore_merges`, the BPE of every token's own bytes
     is that token (tiktoken returns a whole piece found in the vocabulary as is); and the ids of
@@ -22,12 +23,15 @@ derivation before using it:
     regex engines (tiktoken's fancy-regex, the tokenizer's Oniguruma) are trusted, in the contexts
     the patterns tell apart, plus awkward samples. A wrong rank table or a disagreeing pattern
     fails here and the path is off.
-  * per document (`TiktokenBPE.ids`): a document goes to the Rust tokenizer when it has a character
-    outside those ranges (lone surrogates included) or an added token (HF splits those out before
-    pre-tokenization), or when tiktoken's ids do not cover all its bytes (a pattern that leaves
-    gaps: HF keeps the gaps as pieces, tiktoken drops them).
-  * during preparation, one document in 64 of this path is re-encoded by the Rust tokenizer
-    (engine.data.tokenize): a mismatch stops the preparation.
+  * per document (`TiktokenBPE.admit`, `ids_batch`): a document goes to the Rust tokenizer when it
+    has a character outside those ranges (lone surrogates included) or an added token (HF splits
+    those out before pre-tokenization), or when tiktoken's ids do not cover all its bytes (a pattern
+    that leaves gaps: HF keeps the gaps as pieces, tiktoken drops them). The character and
+    added-token checks are compiled regex scans of each text, the byte check one table lookup and
+    segmented sum per batch; none of it is per-character Python.
+  * during preparation, documents 0, 64, 128, ... of the stream that took this path are re-encoded
+    by the Rust tokenizer (engine.data.tokenize; those up to 1 Mi characters): a mismatch stops the
+    preparation.
 The choice depends only on the tokenizer, the library versions and each document's text, so the
 token stream is a pure function of the documents.
 """
@@ -77,7 +81,7 @@ def _unsafe_regex(excluded: frozenset) -> tuple[re.Pattern, Optional[re.Pattern]
     """(a character outside the safe set, an ASCII character outside it or None)."""
     safe = [c for c in candidate_chars() if c not in excluded]
     cls = "".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in _ranges(safe))
-    bad_ascii = [c for c in range(128) if c not in set(safe)]
+    bad_ascii = [c for c in range(128) if c in excluded]
     return re.compile(f"[^{cls}]"), (re.compile("[" + "".join(f"\\x{c:02x}" for c in bad_ascii) + "]") if bad_ascii else None)
 
 
@@ -140,37 +144,47 @@ def derive(spec: dict) -> tuple[Optional[Derivation], str]:
         return None, why
     added = spec.get("added_tokens") or []
     added_ids = {a["id"] for a in added}
-    dec = byte_decoder()
+    # ByteLevel alphabet → bytes with one str.translate + latin-1 encode per entry: an alphabet
+    # character becomes the code point of its byte, any other character one latin-1 cannot encode
+    to_byte = dict.fromkeys(range(256), 0x100)
+    to_byte.update({ord(c): b for c, b in byte_decoder().items()})
     vocab: dict[str, int] = model.get("vocab") or {}
-    ranks: dict[bytes, int] = {}
-    by_str: dict[str, int] = {}
-    for s, i in vocab.items():
-        if i in added_ids:
-            continue
-        try:
-            b = bytes(dec[c] for c in s)
-        except KeyError:
-            return None, f"vocabulary entry {s!r} is not in the ByteLevel alphabet"
-        if b in ranks:
-            return None, f"two tokens with the bytes {b!r}"
-        ranks[b] = i
-        by_str[s] = i
+    # (comprehensions and maps, no per-entry Python loop: this runs before every preparation)
+    strs = [s for s, i in vocab.items() if i not in added_ids]
+    ids = [vocab[s] for s in strs]
+    try:
+        bs = [s.translate(to_byte).encode("latin-1") for s in strs]
+    except UnicodeEncodeError:
+        s = next(s for s in strs if any(ord(c) not in to_byte or to_byte[ord(c)] == 0x100 for c in s))
+        return None, f"vocabulary entry {s!r} is not in the ByteLevel alphabet"
+    ranks: dict[bytes, int] = dict(zip(bs, ids))
+    if len(ranks) < len(bs):
+        seen: set = set()
+        b = next(b for b in bs if b in seen or seen.add(b))
+        return None, f"two tokens with the bytes {b!r}"
+    by_str: dict[str, int] = dict(zip(strs, ids))
     if any(bytes([b]) not in ranks for b in range(256)):
         return None, "not all 256 bytes are tokens"
-    merged: set[str] = set()
-    last = -1
-    for k, m in enumerate(model.get("merges") or []):
-        a, b = m.split(" ", 1) if isinstance(m, str) else m
-        ia, ib, iab = by_str.get(a), by_str.get(b), by_str.get(a + b)
-        if ia is None or ib is None or iab is None:
-            return None, f"merge {k} ({a!r} {b!r}) uses or makes a string outside the vocabulary"
-        if iab < last:
-            return None, f"merge {k} ({a!r} {b!r}): id {iab} below the previous merge's {last} (ids do not follow merge order)"
-        last = iab
-        merged.add(a + b)
-    for s, i in by_str.items():
+    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges") or []]
+    if any(len(p) != 2 for p in pairs):
+        k = next(k for k, p in enumerate(pairs) if len(p) != 2)
+        return None, f"merge {k} ({pairs[k]!r}) is not a pair"
+    left, right = [p[0] for p in pairs], [p[1] for p in pairs]
+    joined = list(map(str.__add__, left, right))
+    get = by_str.get
+    ia, ib, iab = list(map(get, left)), list(map(get, right)), list(map(get, joined))
+    if None in ia or None in ib or None in iab:
+        k = next(k for k in range(len(pairs)) if ia[k] is None or ib[k] is None or iab[k] is None)
+        return None, f"merge {k} ({left[k]!r} {right[k]!r}) uses or makes a string outside the vocabulary"
+    down = np.flatnonzero(np.diff(np.asarray(iab, dtype=np.int64)) < 0) if iab else []
+    if len(down):
+        k = int(down[0]) + 1
+        return None, (f"merge {k} ({left[k]!r} {right[k]!r}): id {iab[k]} below the previous merge's {iab[k - 1]} "
+                      "(ids do not follow merge order)")
+    merged = set(joined)
+    for s in strs:
         if len(s) > 1 and s not in merged:
-            return None, f"token {s!r} (id {i}) is no merge's result"
+            return None, f"token {s!r} (id {by_str[s]}) is no merge's result"
     return Derivation(pattern, ranks, norm is not None, [a["content"] for a in added if a.get("content")],
                       bool(model.get("ignore_merges"))), ""
 
@@ -202,6 +216,55 @@ def _cache_file():
     return Path(base) / "cpt-tui" / "tiktoken-probe.json"
 
 
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for x in parts:
+        h.update(len(x).to_bytes(8, "little") + x)
+    return h.hexdigest()
+
+
+def derive_cached(tokenizer_json: str) -> tuple[Optional[Derivation], str]:
+    """`derive` of a tokenizer.json, kept in ~/.cache/cpt-tui per JSON and per version of this module
+    (parsing a 100k vocabulary and checking every merge takes ~1 s; this file loads in ~0.05 s). It
+    holds the token bytes, ids and a digest of everything: a file that does not match its digest, or
+    cannot be read, is derived again."""
+    try:
+        code = open(__file__, "rb").read()
+    except OSError:
+        return derive(_loads(tokenizer_json))
+    key = _digest(tokenizer_json.encode(), code)[:24]
+    path = _cache_file().with_name(f"tiktoken-ranks-{key}.npz")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta, blob, lens, ids = bytes(z["meta"]), z["blob"], z["lens"], z["ids"]
+        m = json.loads(meta)
+        if m.pop("digest") == _digest(json.dumps(m, sort_keys=True).encode(), blob.tobytes(), lens.tobytes(), ids.tobytes()):
+            if m["why"]:
+                return None, m["why"]
+            buf, ends = blob.tobytes(), np.cumsum(lens).tolist()
+            ranks = {buf[a:b]: i for a, b, i in zip([0] + ends[:-1], ends, ids.tolist())}
+            return Derivation(m["pattern"], ranks, m["nfc"], m["added"], m["ignore_merges"]), ""
+    except Exception:  # absent, unreadable or from another numpy: derived again
+        pass
+    d, why = derive(_loads(tokenizer_json))
+    toks = list(d.ranks) if d is not None else []
+    blob = np.frombuffer(b"".join(toks), dtype=np.uint8)
+    lens = np.fromiter(map(len, toks), dtype=np.int64, count=len(toks))
+    ids = np.fromiter((d.ranks[t] for t in toks), dtype=np.int64, count=len(toks))
+    m = {"why": why, "pattern": d.pattern if d else None, "nfc": d.nfc if d else None,
+         "added": d.added if d else None, "ignore_merges": d.ignore_merges if d else None}
+    m["digest"] = _digest(json.dumps(m, sort_keys=True).encode(), blob.tobytes(), lens.tobytes(), ids.tobytes())
+    try:  # best effort, like the verdict cache
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.frombuffer(json.dumps(m).encode(), dtype=np.uint8), blob=blob, lens=lens, ids=ids)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return d, why
+
+
 def _probe_key(tokenizer_json: str) -> str:
     import tiktoken
     import tokenizers
@@ -215,6 +278,23 @@ def _unsafe_cached(excluded: frozenset):
     return _unsafe_regex(excluded)
 
 
+def _loads(text: str):
+    try:
+        import orjson
+    except ImportError:
+        return json.loads(text)
+    return orjson.loads(text)
+
+
+# tiktoken's encode (the one that hands back a buffer) looks for the next *allowed* special token
+# before each stretch of ordinary text; with no special token at all that search is an empty regex
+# matching at every position (~40% slower than encode_ordinary). A special token that is never
+# allowed makes it a plain substring search, and the ids stay those of encode_ordinary: a special
+# token that is not allowed is ordinary text to tiktoken's core (the Python-level check that raises
+# on one is not called here).
+SENTINEL = "\U0010fffd<|cpt-tui never allowed|>\U0010fffd"
+
+
 class TiktokenBPE:
     """ids of documents through tiktoken (uint32 arrays), or None where a document must go to Rust."""
 
@@ -222,17 +302,34 @@ class TiktokenBPE:
         import tiktoken
 
         self.d = d
-        self.enc = tiktoken.Encoding("cpt-tui", pat_str=d.pattern, mergeable_ranks=d.ranks, special_tokens={})
+        n = max(d.ranks.values()) + 1
+        self.enc = tiktoken.Encoding("cpt-tui", pat_str=d.pattern, mergeable_ranks=d.ranks, special_tokens={SENTINEL: n})
         self._core = self.enc._core_bpe  # encode_to_tiktoken_buffer: releases the GIL, no Python ints
-        self._none: set = set()
-        self.excluded = frozenset(excluded)
-        self._unsafe, self._ascii_unsafe = _unsafe_cached(self.excluded)
+        self._none: set = set()  # allowed special tokens: none
+        self.set_excluded(excluded)
         added = sorted(set(d.added), key=len, reverse=True)
         self._added = re.compile("|".join(map(re.escape, added))) if added else None
-        n = max(d.ranks.values()) + 1
-        self.byte_len = np.zeros(n, dtype=np.int64)  # bytes of each id (gap check)
+        lens = np.zeros(n, dtype=np.int64)  # bytes of each id (gap check)
         for b, i in d.ranks.items():
-            self.byte_len[i] = len(b)
+            lens[i] = len(b)
+        top = int(lens.max())
+        self.byte_len = lens.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.int64)
+
+    def copy(self) -> "TiktokenBPE":
+        """The same path with its own tiktoken core (for another thread; ~0.2 s at 100k tokens)."""
+        import tiktoken
+
+        new = object.__new__(TiktokenBPE)
+        new.__dict__.update(self.__dict__)
+        new.enc = tiktoken.Encoding("cpt-tui", pat_str=self.d.pattern, mergeable_ranks=self.d.ranks,
+                                    special_tokens=self.enc._special_tokens)
+        new._core, new._none = new.enc._core_bpe, set()
+        return new
+
+    def set_excluded(self, excluded: Iterable[int]) -> None:
+        """The characters the start-up check excluded: documents with one go to Rust."""
+        self.excluded = frozenset(excluded)
+        self._unsafe, self._ascii_unsafe = _unsafe_cached(self.excluded)
 
     @classmethod
     def build(cls, tok, tokenizer_json: str, check=True) -> tuple[Optional["TiktokenBPE"], str]:
@@ -244,7 +341,7 @@ class TiktokenBPE:
         except ImportError:
             return None, "tiktoken is not installed"
         try:
-            d, why = derive(json.loads(tokenizer_json))
+            d, why = derive_cached(tokenizer_json)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             return None, f"unreadable tokenizer.json ({e})"
         if d is None:
@@ -258,26 +355,53 @@ class TiktokenBPE:
             if why:
                 return None, why
             if excluded:
-                fast = cls(d, excluded)
+                fast.set_excluded(excluded)
         return fast, ""
+
+    def admit(self, text: str) -> Optional[str]:
+        """The text tiktoken encodes for this document (NFC-normalized if the tokenizer normalizes),
+        or None when it has a character outside the verified set (lone surrogates included) or an
+        added token: the document goes to the Rust tokenizer. C-speed regex scans, no per-character
+        Python work (isascii is O(1))."""
+        if text.isascii():
+            if self._ascii_unsafe is not None and self._ascii_unsafe.search(text):
+                return None
+        else:
+            if self._unsafe.search(text):
+                return None
+            if self.d.nfc and not unicodedata.is_normalized("NFC", text):
+                text = unicodedata.normalize("NFC", text)
+                if self._unsafe.search(text):
+                    return None
+        if self._added is not None and self._added.search(text):
+            return None
+        return text
 
     def ids(self, text: str) -> Optional[np.ndarray]:
         """The document's ids (uint32), or None: it goes to the Rust tokenizer."""
-        ascii_ = text.isascii()
-        if ascii_:
-            if self._ascii_unsafe is not None and self._ascii_unsafe.search(text):
-                return None
-        elif self._unsafe.search(text):
-            return None
-        elif self.d.nfc and not unicodedata.is_normalized("NFC", text):
-            text = unicodedata.normalize("NFC", text)
-            if self._unsafe.search(text):
-                return None
-        if self._added is not None and self._added.search(text):
-            return None
-        out = np.frombuffer(self._core.encode_to_tiktoken_buffer(text, self._none), dtype=np.uint32)
-        if int(self.byte_len[out].sum()) != (len(text) if ascii_ else len(text.encode("utf-8"))):
-            return None  # the pattern left characters out (HF keeps them as pieces): Rust
+        return self.ids_batch([text])[0]
+
+    def ids_batch(self, texts: list[str]) -> list[Optional[np.ndarray]]:
+        """`ids` of each text. tiktoken releases the GIL while it encodes; the gap check (the ids
+        cover all the bytes of the text: HF keeps what the pattern leaves out as pieces, tiktoken
+        drops it) is one table lookup and one segmented sum over the whole batch."""
+        admitted = [self.admit(t) for t in texts]
+        enc, none = self._core.encode_to_tiktoken_buffer, self._none
+        out = [None if t is None else np.frombuffer(enc(t, none), dtype=np.uint32) for t in admitted]
+        k = [i for i, x in enumerate(out) if x is not None]
+        if not k:
+            return out
+        arrs = [out[i] for i in k]
+        n = np.fromiter(map(len, arrs), dtype=np.int64, count=len(k))
+        want = np.fromiter((len(t) if t.isascii() else len(t.encode("utf-8")) for t in (admitted[i] for i in k)),
+                           dtype=np.int64, count=len(k))
+        got = np.zeros(len(k), dtype=np.int64)
+        nz = n > 0  # a document without ids (only possible for an empty text) sums to 0
+        if nz.any():
+            flat = arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
+            got[nz] = np.add.reduceat(self.byte_len[flat], (np.cumsum(n) - n)[nz], dtype=np.int64)
+        for j in np.flatnonzero(got != want):
+            out[k[j]] = None  # the pattern left characters out: Rust
         return out
 
 
