@@ -20,7 +20,6 @@ The architecture and its parameter shapes come from engine/arch.py (their one ho
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -122,6 +121,10 @@ def stage_tensors(a: Arch, trainable, lora=None, relora_warm: bool = False) -> T
             peft_shapes[f"base_model.model.{mod}.base_layer.bias"] = s
             continue
         peft_shapes[base] = s
+    if emb_out not in shapes and "lm_head" in saves:  # tied: the head is the embedding, listed once under
+        copy = "base_model.model.lm_head.modules_to_save.default.weight"  # its name; peft trains a copy
+        peft_shapes[copy] = shapes[emb_in]
+        on.add(copy)
     _patterns(peft_shapes, on, trainable.include, trainable.exclude)
     return Tensors(peft_shapes, on)
 
@@ -401,15 +404,7 @@ def plan_memory(preset, index: int, tokens: Optional[int], world: int, vocab_siz
         return None
     c = preset.cluster
     gpn = c.processes_per_node
-    gb = c.gpu_memory_gb or _env_float("CPT_GPU_MEMORY_GB")
-    return stage_memory(a, preset.stages[index], world, tokens, gpu_memory_gb=gb, gpus_per_node=gpn)
-
-
-def _env_float(name: str) -> Optional[float]:
-    try:
-        return float(os.environ[name])
-    except (KeyError, ValueError):
-        return None
+    return stage_memory(a, preset.stages[index], world, tokens, gpu_memory_gb=c.gpu_memory_gb, gpus_per_node=gpn)
 
 
 def fmt_bytes(n: float) -> str:

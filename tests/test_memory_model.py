@@ -91,14 +91,16 @@ def test_eeve_frozen_stage_bytes(tied):
     assert _step(model, param_groups(model, 0.1, guard)) == (ms["params"], ms["grads"], ms["optimizer"])
 
 
-def test_lora_stage_bytes():
+@pytest.mark.parametrize("tied", [False, True])
+def test_lora_stage_bytes(tied):
+    """LoRA with the head in modules_to_save: peft trains a copy of it (of the embedding, when tied)."""
     from engine.lora import apply_lora
     from engine.trainable import RowGuard, apply_patterns, param_groups
 
     lora = {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"], "modules_to_save": ["lm_head"]}
-    model = apply_lora(_model(), LoraSpec.model_validate(lora))
+    model = apply_lora(_model(tied), LoraSpec.model_validate(lora))
     apply_patterns(model, [r"layers\.0\.input_layernorm"], [])
-    t, ms = _states({"lora": lora, "trainable": {"include": [r"layers\.0\.input_layernorm"]}})
+    t, ms = _states({"lora": lora, "trainable": {"include": [r"layers\.0\.input_layernorm"]}}, tied)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == t.trainable
     assert {n: tuple(p.shape) for n, p in model.named_parameters()} == t.shapes
     assert _step(model, param_groups(model, 0.1, RowGuard())) == (ms["params"], ms["grads"], ms["optimizer"])
