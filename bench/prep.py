@@ -243,6 +243,12 @@ order = iter(sorted(range(len(texts)), key=lambda i: -len(texts[i])))  # longest
 lock, counts = threading.Lock(), []
 
 def work(fb):
+    try:
+        encode(fb)
+    except BaseException as e:  # a thread's error must fail the run, not shorten it
+        counts.append(e)
+
+def encode(fb):
     core, none, n = fb._core, fb._none, 0
     while True:
         with lock:
@@ -250,13 +256,16 @@ def work(fb):
         if i is None:
             counts.append(n)
             return
-        n += len(core.encode_to_tiktoken_buffer(texts[i], none)) // 4
+        n += memoryview(core.encode_to_tiktoken_buffer(texts[i], none)).nbytes // 4
 t1 = time.time()
 threads = [threading.Thread(target=work, args=(e,)) for e in encs]
 for t in threads:
     t.start()
 for t in threads:
     t.join()
+for c in counts:
+    if isinstance(c, BaseException):
+        raise c
 print(json.dumps({{"seconds": time.time() - t1, "tokens": sum(counts) + len(texts)}}))
 """
 
