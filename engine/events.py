@@ -111,19 +111,24 @@ def validate_log(records: list[dict]) -> list[str]:
     return errs
 
 
-def _last_seq(path: Path) -> int:
-    """The last complete record's seq (a torn last line from a crash is ignored)."""
+def _scan(path: Path) -> tuple[int, int]:
+    """(the last complete record's seq, the last step a metric / eval record logged or -1), in one pass;
+    a torn last line from a crash is ignored."""
+    last, logged = 0, -1
     if not path.exists():
-        return 0
-    last = 0
+        return last, logged
     with open(path, "rb") as f:
         for line in f:
-            if line.endswith(b"\n"):
-                try:
-                    last = json.loads(line)["seq"]
-                except (ValueError, KeyError):
-                    pass
-    return last
+            if not line.endswith(b"\n"):
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            last = rec.get("seq", last)
+            if rec.get("type") in ("metric", "eval"):
+                logged = max(logged, int(rec["step"]))
+    return last, logged
 
 
 def _finite(v):
@@ -139,19 +144,24 @@ class EventWriter:
         self.stage = stage
         self.enabled = enabled
         self.seq = 0
+        self.logged_upto = -1  # the last step an earlier attempt logged a metric / eval for (engine/trackers.py)
         self._f = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._truncate_torn_tail()
-            self.seq = _last_seq(self.path)
+            self.seq, self.logged_upto = _scan(self.path)
             self._f = open(self.path, "ab", buffering=0)
 
     def _truncate_torn_tail(self) -> None:
-        if self.path.exists() and self.path.stat().st_size:
-            data = self.path.read_bytes()
-            if not data.endswith(b"\n"):
-                with open(self.path, "r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
+        if not self.path.exists() or not self.path.stat().st_size:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":  # the usual case: nothing torn, nothing more to read
+                return
+        data = self.path.read_bytes()
+        with open(self.path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
     def emit(self, type: str, **fields) -> None:
         if not self.enabled:

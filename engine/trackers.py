@@ -116,14 +116,6 @@ def build(spec: dict, block: dict, purge_step: Optional[int] = None):
 # --------------------------------------------------------------------------- logging
 
 
-def logged_upto(events_path) -> int:
-    """The last step whose metric / eval an earlier attempt of this stage logged (-1: none)."""
-    from engine.events import read_events
-
-    recs, _ = read_events(events_path)
-    return max((int(r["step"]) for r in recs if r["type"] in ("metric", "eval")), default=-1)
-
-
 class Trackers:
     """The run's trackers in this stage (rank 0). `warn(message)` records a tracker failure. `logged`:
     the step up to which earlier attempts of the stage logged (see the module docstring)."""
@@ -245,5 +237,5 @@ def with_trackers(writer, cfg: dict, rank: int):
     if rank != 0 or not block or not block.get("trackers"):
         return writer
     trackers = Trackers(block, lambda msg: writer.emit("warning", kind="tracker", message=msg),
-                        logged=logged_upto(writer.path))
+                        logged=writer.logged_upto)
     return TrackedWriter(writer, trackers)

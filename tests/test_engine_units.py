@@ -75,6 +75,26 @@ def test_event_schema_validator(tmp_path):
     assert validate_event({**recs[0], "type": "bogus"}) == ["unknown type 'bogus'"]
 
 
+def test_a_reopened_event_log_continues_after_its_last_complete_record(tmp_path):
+    """A restarted attempt's EventWriter drops a torn last line, continues the sequence, and knows the
+    last step earlier attempts logged a metric / eval for (what its trackers must not log twice)."""
+    path = tmp_path / "e.jsonl"
+    assert (EventWriter(path, "s").seq, EventWriter(path, "s").logged_upto) == (0, -1)
+    w = EventWriter(path, "s")
+    w.emit("metric", step=7, tokens=64, loss=2.0, lr=1e-3, grad_norm=1.0, tokens_per_s=10.0, total_steps=9)
+    w.emit("eval", step=8, tokens=64, domain="code", loss=2.5, blocks=4)
+    w.emit("status", state="running", step=8, total_steps=9, resumed_from=None)
+    w.close()
+    whole = path.read_bytes()
+    with open(path, "ab") as f:
+        f.write(b'{"v": 1, "seq": 4, "type": "metric", "step": 9')  # killed mid-write
+    again = EventWriter(path, "s")
+    assert (again.seq, again.logged_upto) == (3, 8) and path.read_bytes() == whole
+    again.emit("metric", step=9, tokens=64, loss=1.9, lr=1e-3, grad_norm=1.0, tokens_per_s=10.0, total_steps=9)
+    again.close()
+    assert [r["seq"] for r in read_events(path)[0]] == [1, 2, 3, 4] and EventWriter(path, "s").logged_upto == 9
+
+
 def test_tied_embeddings_train_the_union_of_rows():
     from engine.trainable import apply_trainable
 
