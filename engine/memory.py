@@ -19,7 +19,6 @@ The architecture and its parameter shapes come from engine/arch.py (their one ho
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional

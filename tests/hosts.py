@@ -48,6 +48,21 @@ def require(ok: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def procs_matching(match) -> list[int]:
+    """pids of this machine's processes whose (pid string, argv bytes list) satisfy `match`."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and match(d, argv):
+            out.append(int(d))
+    return out
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))

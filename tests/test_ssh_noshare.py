@@ -34,7 +34,7 @@ import pytest
 
 from engine.events import read_events
 from tests.demo_run import ROOT, cli_env, tiny_preset, wait_for
-from tests.hosts import netns_private_nodes  # noqa: F401  (fixture)
+from tests.hosts import netns_private_nodes, procs_matching  # noqa: F401  (fixture)
 
 PY = sys.executable
 MARK = "cpt-stream"
@@ -157,22 +157,8 @@ def test_two_stage_run_without_shared_disk(two_stage, netns_private_nodes):
 # --------------------------------------------------------------------------- the interrupted run
 
 
-def _procs(match) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and match(d, argv):
-            out.append(int(d))
-    return out
-
-
 def _stream_clients() -> list[int]:
-    return _procs(lambda _d, argv: argv[0] == b"ssh" and any(MARK.encode() in a and b"follow" in a for a in argv))
+    return procs_matching(lambda _d, argv: argv[0] == b"ssh" and any(MARK.encode() in a and b"follow" in a for a in argv))
 
 
 def _trainer(workdir_root: str, rank: int) -> list[int]:
@@ -186,7 +172,7 @@ def _trainer(workdir_root: str, rank: int) -> list[int]:
         except OSError:
             return False
         return f"RANK={rank}".encode() in env and cwd.startswith(workdir_root)
-    return _procs(match)
+    return procs_matching(match)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from pathlib import Path
 from cpt_tui.procs import proc_alive
 from engine.events import read_events
 from tests.demo_run import ROOT, run_cli, tiny_preset, wait_for
+from tests.hosts import procs_matching
 
 TERMINAL = ("done", "failed", "stopped")
 
@@ -79,18 +80,8 @@ def assert_rows_equal_events(env, run_id, stages):
 
 def trainer_pids(run_dir: Path) -> list[int]:
     """The engine.train processes of a run (not accelerate launch, not the keeper)."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"engine.train" in argv and b"accelerate.commands.launch" not in argv and b"-c" not in argv \
-                and any(str(run_dir).encode() in a for a in argv) and proc_alive(int(d)):
-            out.append(int(d))
-    return out
+    return procs_matching(lambda d, argv: b"engine.train" in argv and b"accelerate.commands.launch" not in argv
+                          and b"-c" not in argv and any(str(run_dir).encode() in a for a in argv) and proc_alive(int(d)))
 
 
 def start_in_terminal_then_close_it(env, preset: Path, *extra: str) -> str:
