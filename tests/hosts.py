@@ -18,6 +18,7 @@ Everything is torn down by pid / by name; traffic stays on loopback and inside t
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
@@ -278,22 +279,26 @@ sys.exit(1 if targets else 0)
 """
 
 
-@pytest.fixture(scope="session")
-def netns_nodes():
+@contextlib.contextmanager
+def _netns_pair(suffixes: str, net: str, private: bool):
+    """Two sshd nodes (node-a, node-b) in their own network namespaces joined by a veth pair; with
+    `private`, each sshd runs in its own mount namespace with tmpfs workdirs the manager cannot see."""
     require(sys.platform.startswith("linux"), "network namespaces need Linux")
     require(os.geteuid() == 0, "network namespaces need root")
     require(shutil.which("ip") is not None, "`ip` not found: apt-get install iproute2")
+    require(not private or shutil.which("unshare") is not None, "`unshare` not found: apt-get install util-linux")
     _check_ssh_tools()
 
     pid = os.getpid()
-    ns = [f"cpt{pid}a", f"cpt{pid}b"]
-    ifs = [f"cv{pid}a", f"cv{pid}b"]  # <= 15 characters
-    net = f"10.77.{pid % 200}"
+    ns = [f"cpt{pid}{x}" for x in suffixes]
+    ifs = [f"cv{pid}{x}" for x in suffixes]  # <= 15 characters
     addrs = [f"{net}.1", f"{net}.2"]
     aliases = ["node-a", "node-b"]
-    d = Path(tempfile.mkdtemp(prefix="cpt-netns-"))
+    d = Path(tempfile.mkdtemp(prefix="cpt-private-" if private else "cpt-netns-"))
     created: list[str] = []
     procs: list[subprocess.Popen] = []
+    work = {al: str(d / al / "work") for al in aliases}
+    small = {al: str(d / al / "small") for al in aliases}
     try:
         try:
             for n in ns:
@@ -311,30 +316,41 @@ def netns_nodes():
         host_key, key = _keys(d)
         user = getpass.getuser()
         port = 2222
-        for n, a in zip(ns, addrs):
+        for n, a, al in zip(ns, addrs, aliases):
             cfg = d / f"sshd_config.{n}"
             log = d / f"sshd.{n}.log"
             _sshd_config(cfg, d, host_key, a, port, d / f"sshd.{n}.pid")
             # `ip netns exec` execs sshd, so the Popen pid is sshd's pid (-D: foreground).
-            procs.append(subprocess.Popen(["ip", "netns", "exec", n, SSHD, "-D", "-f", str(cfg), "-E", str(log)],
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            argv = ["ip", "netns", "exec", n, SSHD, "-D", "-f", str(cfg), "-E", str(log)]
+            if private:
+                os.makedirs(work[al])
+                os.makedirs(small[al])
+                script = ('mount --make-rprivate / && mount -t tmpfs -o size=512m tmpfs "$1" && '
+                          'mount -t tmpfs -o size="$2" tmpfs "$3" && exec "$4" -D -f "$5" -E "$6"')
+                argv = ["ip", "netns", "exec", n, "unshare", "-m", "sh", "-c", script, "sh", work[al],
+                        str(SMALL_BYTES), small[al], SSHD, str(cfg), str(log)]
+            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.PIPE))
         probe = subprocess.run(["ip", "netns", "exec", ns[0], sys.executable, "-c", _PROBE, "20", str(port), *addrs],
                                capture_output=True, text=True, timeout=60)
         if probe.returncode != 0 or any(p.poll() is not None for p in procs):
+            errs = "\n".join((p.stderr.read().decode() if p.poll() is not None else "") for p in procs)
             logs = "\n".join(_log_tail(d / f"sshd.{n}.log") for n in ns)
-            pytest.fail(f"sshd in the namespaces did not come up: {probe.stderr}\n{logs}", pytrace=False)
+            pytest.fail(f"sshd in the namespaces did not come up: {probe.stderr}\n{errs}\n{logs}", pytrace=False)
 
         ssh_config = d / "ssh_config"
         ssh_config.write_text("".join(_client_block([al], a, port, user) for al, a in zip(aliases, addrs))
                               + _client_defaults(key, user))
-        nodes = NetnsNodes(aliases, ns, dict(zip(aliases, addrs)), dict(zip(aliases, ifs)), port, ssh_config,
-                           key, user, d, [p.pid for p in procs])
+        common = (aliases, ns, dict(zip(aliases, addrs)), dict(zip(aliases, ifs)), port, ssh_config, key, user, d,
+                  [p.pid for p in procs])
+        nodes = PrivateNodes(*common, work, small) if private else NetnsNodes(*common)
         for al in aliases:
-            r = nodes.ssh(al, "echo ok")
+            r = nodes.ssh(al, f"touch {work[al]}/.probe && echo ok" if private else "echo ok")
             if r.returncode != 0 or r.stdout.strip() != "ok":
                 pytest.fail(f"ssh to {al} inside the namespaces failed (rc {r.returncode}): {r.stderr}",
                             pytrace=False)
+            if private:
+                assert not os.path.exists(f"{work[al]}/.probe"), "the node's workdir is not private"
         yield nodes
     finally:
         for p in procs:
@@ -342,9 +358,9 @@ def netns_nodes():
         for n in created:
             # Anything a test left running inside our namespaces is ours: end it before deleting.
             r = _ip("netns", "pids", n, check=False)
-            for s in r.stdout.split():
+            for x in r.stdout.split():
                 try:
-                    os.kill(int(s), signal.SIGKILL)
+                    os.kill(int(x), signal.SIGKILL)
                 except (ValueError, OSError):
                     pass
             _ip("netns", "del", n, check=False)
@@ -352,6 +368,12 @@ def netns_nodes():
         if _ip("link", "show", ifs[0], check=False).returncode == 0:
             _ip("link", "del", ifs[0], check=False)
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def netns_nodes():
+    with _netns_pair("ab", f"10.77.{os.getpid() % 200}", private=False) as nodes:
+        yield nodes
 
 
 # --------------------------------------------------------------------------- nodes with private disks
@@ -377,77 +399,5 @@ SMALL_BYTES = 256 * 1024
 def netns_private_nodes():
     """Two ssh nodes in network namespaces, each with a private workdir (tmpfs in its own mount
     namespace): nothing the nodes write there is visible to the manager, as on separate machines."""
-    require(sys.platform.startswith("linux"), "network namespaces need Linux")
-    require(os.geteuid() == 0, "network namespaces need root")
-    require(shutil.which("ip") is not None and shutil.which("unshare") is not None, "`ip` / `unshare` not found")
-    _check_ssh_tools()
-    pid = os.getpid()
-    ns = [f"cpt{pid}p", f"cpt{pid}q"]
-    ifs = [f"cv{pid}p", f"cv{pid}q"]
-    net = f"10.78.{pid % 200}"
-    addrs = [f"{net}.1", f"{net}.2"]
-    aliases = ["node-a", "node-b"]
-    d = Path(tempfile.mkdtemp(prefix="cpt-private-"))
-    created: list[str] = []
-    procs: list[subprocess.Popen] = []
-    work = {al: str(d / al / "work") for al in aliases}
-    small = {al: str(d / al / "small") for al in aliases}
-    try:
-        try:
-            for n in ns:
-                _ip("netns", "add", n)
-                created.append(n)
-        except RuntimeError as e:
-            require(False, f"cannot create network namespaces: {e}")
-        _ip("link", "add", ifs[0], "type", "veth", "peer", "name", ifs[1])
-        for n, i, a in zip(ns, ifs, addrs):
-            _ip("link", "set", i, "netns", n)
-            _ip("-n", n, "addr", "add", f"{a}/24", "dev", i)
-            _ip("-n", n, "link", "set", "lo", "up")
-            _ip("-n", n, "link", "set", i, "up")
-        host_key, key = _keys(d)
-        user = getpass.getuser()
-        port = 2222
-        for n, a, al in zip(ns, addrs, aliases):
-            os.makedirs(work[al])
-            os.makedirs(small[al])
-            cfg = d / f"sshd_config.{n}"
-            log = d / f"sshd.{n}.log"
-            _sshd_config(cfg, d, host_key, a, port, d / f"sshd.{n}.pid")
-            script = ('mount --make-rprivate / && mount -t tmpfs -o size=512m tmpfs "$1" && '
-                      'mount -t tmpfs -o size="$2" tmpfs "$3" && exec "$4" -D -f "$5" -E "$6"')
-            procs.append(subprocess.Popen(
-                ["ip", "netns", "exec", n, "unshare", "-m", "sh", "-c", script, "sh", work[al], str(SMALL_BYTES),
-                 small[al], SSHD, str(cfg), str(log)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
-        probe = subprocess.run(["ip", "netns", "exec", ns[0], sys.executable, "-c", _PROBE, "20", str(port), *addrs],
-                               capture_output=True, text=True, timeout=60)
-        if probe.returncode != 0 or any(p.poll() is not None for p in procs):
-            errs = "\n".join((p.stderr.read().decode() if p.poll() is not None else "") for p in procs)
-            logs = "\n".join(_log_tail(d / f"sshd.{n}.log") for n in ns)
-            pytest.fail(f"private-disk sshd did not come up: {probe.stderr}\n{errs}\n{logs}", pytrace=False)
-        ssh_config = d / "ssh_config"
-        ssh_config.write_text("".join(_client_block([al], a, port, user) for al, a in zip(aliases, addrs))
-                              + _client_defaults(key, user))
-        nodes = PrivateNodes(aliases, ns, dict(zip(aliases, addrs)), dict(zip(aliases, ifs)), port, ssh_config,
-                             key, user, d, [p.pid for p in procs], work, small)
-        for al in aliases:
-            r = nodes.ssh(al, f"touch {work[al]}/.probe && echo ok")
-            if r.returncode != 0 or r.stdout.strip() != "ok":
-                pytest.fail(f"ssh to {al} failed (rc {r.returncode}): {r.stderr}", pytrace=False)
-            assert not os.path.exists(f"{work[al]}/.probe"), "the node's workdir is not private"
+    with _netns_pair("pq", f"10.78.{os.getpid() % 200}", private=True) as nodes:
         yield nodes
-    finally:
-        for p in procs:
-            _stop(p)
-        for n in created:
-            r = _ip("netns", "pids", n, check=False)
-            for s in r.stdout.split():
-                try:
-                    os.kill(int(s), signal.SIGKILL)
-                except (ValueError, OSError):
-                    pass
-            _ip("netns", "del", n, check=False)
-        if _ip("link", "show", ifs[0], check=False).returncode == 0:
-            _ip("link", "del", ifs[0], check=False)
-        shutil.rmtree(d, ignore_errors=True)
