@@ -19,12 +19,11 @@ The architecture and its parameter shapes come from engine/arch.py (their one ho
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
 from typing import Optional
 
 from engine.arch import (Arch, arch_from_hf, arch_from_spec, base_arch, count_params, extended,  # noqa: F401
                          numel, param_shapes, with_vocab)
+from engine.params import Tensors, stage_tensors  # noqa: F401  (which tensors train: their one home)
 
 GiB = 1024**3
 # engine/loss.py:PLAIN_HEAD_FAMILIES (that module imports torch)
@@ -50,95 +49,6 @@ def preset_arch(preset, vocab_size: Optional[int] = None) -> Optional[Arch]:
 def largest_layer_params(a: Arch) -> int:
     """The largest module's own parameters (DeepSpeed's ZeRO-3 gather working set)."""
     return max(numel(s) for s in param_shapes(a).values())
-
-
-@dataclass
-class Tensors:
-    """The tensors of a stage: name → shape, and which of them train."""
-
-    shapes: dict[str, tuple[int, ...]]
-    trainable: set[str]
-    guarded: set[str] = field(default_factory=set)  # EEVE "new"-row tensors (full gradient + moments)
-
-    def count(self, names=None) -> int:
-        return sum(numel(self.shapes[n]) for n in (self.shapes if names is None else names))
-
-    @property
-    def n_trainable(self) -> int:
-        return self.count(self.trainable)
-
-    @property
-    def n_frozen(self) -> int:
-        return self.count() - self.n_trainable
-
-
-def stage_tensors(a: Arch, trainable, lora=None, relora_warm: bool = False) -> Tensors:
-    """Mirrors engine/trainable.py:apply_trainable, or engine/lora.py:apply_lora (peft) for LoRA stages."""
-    shapes = param_shapes(a)
-    emb_in, emb_out = "model.embed_tokens.weight", "lm_head.weight"
-    if lora is None:
-        on = set(shapes) if trainable.transformer == "trainable" else set()
-        guarded = set()
-        settings = {emb_in: [trainable.input_embeddings]}
-        if emb_out in shapes:
-            settings[emb_out] = [trainable.output_embeddings]
-        else:  # tied: one tensor, the union of both settings
-            settings[emb_in].append(trainable.output_embeddings)
-        for n, modes in settings.items():
-            mode = "all" if "all" in modes else "new" if "new" in modes else "none"
-            on.discard(n)
-            if mode != "none":
-                on.add(n)
-            if mode == "new":
-                guarded.add(n)
-        _patterns(shapes, on, trainable.include, trainable.exclude)
-        return Tensors(shapes, on, guarded)
-    # LoRA (peft): base frozen; A (r × in) and B (out × r) per targeted Linear; modules_to_save get a
-    # trained copy (the original stays, frozen); then include / exclude on the peft names.
-    peft_shapes: dict[str, tuple[int, ...]] = {}
-    on = set()
-    targets = list(lora.target_modules)
-    saves = list(lora.modules_to_save)
-    for n, s in shapes.items():
-        mod, leaf = n.rsplit(".", 1)
-        last = mod.rsplit(".", 1)[-1]
-        base = "base_model.model." + n
-        if last in saves:
-            peft_shapes[f"base_model.model.{mod}.original_module.{leaf}"] = s
-            copy = f"base_model.model.{mod}.modules_to_save.default.{leaf}"
-            peft_shapes[copy] = s
-            on.add(copy)
-            continue
-        if len(s) == 2 and leaf == "weight" and _lora_target(mod, last, targets):
-            peft_shapes[f"base_model.model.{mod}.base_layer.weight"] = s
-            for k, sh in (("lora_A", (lora.r, s[1])), ("lora_B", (s[0], lora.r))):
-                nm = f"base_model.model.{mod}.{k}.default.weight"
-                peft_shapes[nm] = sh
-                on.add(nm)
-            continue
-        if leaf == "bias" and _lora_target(mod, last, targets):
-            peft_shapes[f"base_model.model.{mod}.base_layer.bias"] = s
-            continue
-        peft_shapes[base] = s
-    if emb_out not in shapes and "lm_head" in saves:  # tied: the head is the embedding, listed once under
-        copy = "base_model.model.lm_head.modules_to_save.default.weight"  # its name; peft trains a copy
-        peft_shapes[copy] = shapes[emb_in]
-        on.add(copy)
-    _patterns(peft_shapes, on, trainable.include, trainable.exclude)
-    return Tensors(peft_shapes, on)
-
-
-def _lora_target(mod: str, last: str, targets: list[str]) -> bool:
-    # peft: a list of names matches a module whose name ends with ".<target>" (or is it)
-    return any(mod == t or mod.endswith("." + t) or last == t for t in targets)
-
-
-def _patterns(shapes, on: set, include: list[str], exclude: list[str]) -> None:
-    for pats, flag in ((include, True), (exclude, False)):
-        for pat in pats:
-            for n in shapes:
-                if re.search(pat, n):
-                    (on.add if flag else on.discard)(n)
 
 
 # --------------------------------------------------------------------------- model states

@@ -4,66 +4,127 @@
 parameter shapes (engine/arch.py) of a Llama-style causal LM (LlamaForCausalLM, and Mistral / Qwen2
 which share its layout). The semantics follow the trainer exactly (engine/trainable.py apply_trainable,
 engine/lora.py apply_lora / set_relora_phase); tests/test_plan_params.py checks them against real
-torch models.
+torch models. `stage_tensors` (which tensors train, by their names in the trained model) is the one
+home of those semantics: engine/memory.py sizes gradients and optimizer states from it, and
+tests/test_memory_model.py checks its names and shapes against peft's.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from typing import Optional
 
 from engine.arch import Arch, base_arch, extended, numel, param_shapes
-from engine.spec import Preset, StageSpec, TrainableSpec
+from engine.spec import Preset, TrainableSpec
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 
 
-def _full_rank(a: Arch, sh: dict, spec: TrainableSpec, old_vocab: Optional[int], guard_rows: bool) -> dict[str, int]:
-    """apply_trainable: name → elements that learn. `guard_rows`: "new" rows are guarded (not in a LoRA stage)."""
-    on = {n: (numel(s) if spec.transformer == "trainable" else 0) for n, s in sh.items()}
-    emb = "model.embed_tokens.weight"
-    heads = [(emb, [spec.input_embeddings] + ([spec.output_embeddings] if a.tie_word_embeddings else []))]
-    if not a.tie_word_embeddings:
-        heads.append(("lm_head.weight", [spec.output_embeddings]))
-    for name, modes in heads:
+EMB_IN, EMB_OUT = "model.embed_tokens.weight", "lm_head.weight"
+
+
+@dataclass
+class Tensors:
+    """The tensors of a stage by their names in the trained model (peft's names in a LoRA stage):
+    name → shape, which of them train, and which are row-guarded (EEVE "new": only the rows from the
+    old vocabulary size on learn, yet the whole tensor has a gradient and optimizer moments)."""
+
+    shapes: dict[str, tuple[int, ...]]
+    trainable: set[str]
+    guarded: set[str] = field(default_factory=set)
+
+    def count(self, names=None) -> int:
+        return sum(numel(self.shapes[n]) for n in (self.shapes if names is None else names))
+
+    @property
+    def n_trainable(self) -> int:
+        return self.count(self.trainable)
+
+    @property
+    def n_frozen(self) -> int:
+        return self.count() - self.n_trainable
+
+
+def stage_tensors(a: Arch, trainable: TrainableSpec, lora=None) -> Tensors:
+    """Mirrors engine/trainable.py apply_trainable, or engine/lora.py apply_lora (peft) for LoRA stages."""
+    shapes = param_shapes(a)
+    if lora is not None:
+        return _peft_tensors(shapes, trainable, lora)
+    on = set(shapes) if trainable.transformer == "trainable" else set()
+    guarded = set()
+    settings = {EMB_IN: [trainable.input_embeddings]}
+    if EMB_OUT in shapes:
+        settings[EMB_OUT] = [trainable.output_embeddings]
+    else:  # tied: one tensor, the union of both settings
+        settings[EMB_IN].append(trainable.output_embeddings)
+    for n, modes in settings.items():
         mode = "all" if "all" in modes else "new" if "new" in modes else "none"
-        full = numel(sh[name])
-        if mode == "new" and guard_rows and old_vocab:
-            on[name] = max(0, a.vocab_size - old_vocab) * a.hidden_size
-        else:
-            on[name] = 0 if mode == "none" else full
-    for pats, flag in ((spec.include, True), (spec.exclude, False)):
+        on.discard(n)
+        if mode != "none":
+            on.add(n)
+        if mode == "new":
+            guarded.add(n)
+    _patterns(shapes, on, trainable.include, trainable.exclude)
+    return Tensors(shapes, on, guarded)
+
+
+def _peft_tensors(shapes: dict, trainable: TrainableSpec, lora) -> Tensors:
+    """peft's LoRA model: the base frozen; per targeted Linear A (r × in) and B (out × r), per targeted
+    Embedding lora_embedding_A (r × vocab) and _B (hidden × r); each of modules_to_save gets a trained
+    copy (the original stays, frozen); then include / exclude on peft's names. A tied head is the
+    embedding's tensor, listed once (under the embedding), yet peft can target or copy the lm_head module."""
+    out: dict[str, tuple[int, ...]] = {}
+    on: set[str] = set()
+    targets, saves = list(lora.target_modules), list(lora.modules_to_save)
+    tied = EMB_OUT not in shapes
+    for n, s in [*shapes.items(), *([(EMB_OUT, shapes[EMB_IN])] if tied else [])]:
+        mod, leaf = n.rsplit(".", 1)
+        last = mod.rsplit(".", 1)[-1]
+        p = "base_model.model." + mod
+        listed = not (tied and n == EMB_OUT)  # the tied head's tensor is the embedding's, listed already
+        if last in saves:
+            if listed:
+                out[f"{p}.original_module.{leaf}"] = s
+            out[f"{p}.modules_to_save.default.{leaf}"] = s
+            on.add(f"{p}.modules_to_save.default.{leaf}")
+        elif leaf == "weight" and len(s) == 2 and _lora_target(mod, last, targets):
+            if listed:
+                out[f"{p}.base_layer.weight"] = s
+            if n == EMB_IN:
+                ab = (("lora_embedding_A.default", (lora.r, s[0])), ("lora_embedding_B.default", (s[1], lora.r)))
+            else:
+                ab = (("lora_A.default.weight", (lora.r, s[1])), ("lora_B.default.weight", (s[0], lora.r)))
+            for k, shape in ab:
+                out[f"{p}.{k}"] = shape
+                on.add(f"{p}.{k}")
+        elif leaf == "bias" and _lora_target(mod, last, targets):
+            out[f"{p}.base_layer.bias"] = s
+        elif listed:
+            out["base_model.model." + n] = s
+    _patterns(out, on, trainable.include, trainable.exclude)
+    return Tensors(out, on)
+
+
+def _lora_target(mod: str, last: str, targets: list[str]) -> bool:
+    # peft: a list of names matches a module whose name ends with ".<target>" (or is it)
+    return any(mod == t or mod.endswith("." + t) or last == t for t in targets)
+
+
+def _patterns(shapes, on: set, include: list[str], exclude: list[str]) -> None:
+    for pats, flag in ((include, True), (exclude, False)):
         for pat in pats:
-            for n in sh:
+            for n in shapes:
                 if re.search(pat, n):
-                    on[n] = numel(sh[n]) if flag else 0
-    return on
+                    (on.add if flag else on.discard)(n)
 
 
-def _lora(a: Arch, sh: dict, stage: StageSpec) -> tuple[int, list[str], int]:
-    """Adapter elements (A: r × in, B: out × r per targeted Linear) and the modules trained in full."""
-    spec = stage.lora
-    n = 0
-    targeted: set[str] = set()
-    for name, shp in sh.items():
-        if not name.endswith(".weight") or len(shp) != 2:
-            continue
-        mod = name[: -len(".weight")]
-        if mod in ("model.embed_tokens",):
-            continue
-        if any(mod == t or mod.endswith("." + t) for t in spec.target_modules):
-            out_f, in_f = shp
-            n += spec.r * (in_f + out_f)
-            targeted.add(mod.rsplit(".", 1)[-1])
-    saved = 0
-    for t in spec.modules_to_save:
-        for name, shp in sh.items():
-            mod = name.rsplit(".", 1)[0]
-            if mod == t or mod.endswith("." + t):
-                saved += numel(shp)
-        if t == "lm_head" and a.tie_word_embeddings:
-            saved += a.vocab_size * a.hidden_size  # peft copies the head's (tied) weight into its own trainable module
-    return n, sorted(targeted), saved
+def _elements(a: Arch, t: Tensors, old_vocab: Optional[int], guard_rows: bool) -> dict[str, int]:
+    """name → elements that learn: a row-guarded tensor's new rows only (`guard_rows`: not in a
+    ReLoRA warm start, which trains whole tensors)."""
+    new = max(0, a.vocab_size - old_vocab) * a.hidden_size if guard_rows and old_vocab else None
+    return {n: 0 if n not in t.trainable else new if new is not None and n in t.guarded else numel(s)
+            for n, s in t.shapes.items()}
 
 
 def stage_trainable(preset: Preset, index: int, prepared_old_vocab: Optional[int] = None) -> dict:
@@ -77,30 +138,30 @@ def stage_trainable(preset: Preset, index: int, prepared_old_vocab: Optional[int
     old_vocab = a.vocab_size
     a = extended(a, preset)
     st = preset.stages[index]
-    sh = param_shapes(a)
-    total = sum(numel(s) for s in sh.values())
     old = st.trainable.old_vocab_size or prepared_old_vocab or (old_vocab if preset.vocabulary else None)
     exact = preset.vocabulary is None  # an extension's size is an estimate until it is built
+    full = stage_tensors(a, st.trainable)
     if not st.lora:
-        on = _full_rank(a, sh, st.trainable, old, guard_rows=True)
-        n = sum(on.values())
+        on = _elements(a, full, old, guard_rows=True)
+        n, total = sum(on.values()), full.count()
         return {"total": total, "trainable": n, "share": n / total, "exact": exact,
-                "phases": [{"steps": None, "what": _describe(on, sh), "trainable": n}]}
-    adapters, targeted, saved = _lora(a, sh, st)
-    lora_total = total + adapters  # a module trained in full replaces its frozen original
-    after = adapters + saved
+                "phases": [{"steps": None, "what": _describe(on, full.shapes), "trainable": n}]}
+    t = stage_tensors(a, st.trainable, st.lora)
+    # a module trained in full replaces its frozen original: the original is not counted twice
+    lora_total = t.count() - t.count(n for n in t.shapes if ".original_module." in n)
+    after = t.n_trainable
+    targeted = sorted({n.split(".lora_")[0].rsplit(".", 1)[-1] for n in t.shapes if ".lora_" in n})
     what = (f"LoRA r={st.lora.r} adapters on {', '.join(targeted) or 'no module'}"
             + (f" + {', '.join(st.lora.modules_to_save)} in full" if st.lora.modules_to_save else "")
             + "; the base model is frozen")
     if st.trainable.include or st.trainable.exclude:
-        exact = False
         what += " (trainable.include / exclude also apply, to peft's parameter names)"
     phases = []
     r = st.lora.relora
     if r and r.warm_start_steps:
-        on = _full_rank(a, sh, st.trainable, old, guard_rows=False)
+        on = _elements(a, full, old, guard_rows=False)
         warm = sum(on.values())
-        phases.append({"steps": f"1-{r.warm_start_steps}", "what": "warm start, full rank: " + _describe(on, sh)
+        phases.append({"steps": f"1-{r.warm_start_steps}", "what": "warm start, full rank: " + _describe(on, full.shapes)
                        + "; adapters frozen", "trainable": warm})
         phases.append({"steps": f"{r.warm_start_steps + 1}-", "what": what + (f", merged every {r.merge_every} steps"),
                        "trainable": after})

@@ -91,13 +91,19 @@ def test_eeve_frozen_stage_bytes(tied):
     assert _step(model, param_groups(model, 0.1, guard)) == (ms["params"], ms["grads"], ms["optimizer"])
 
 
+LORAS = [{"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"], "modules_to_save": ["lm_head"]},
+         {"r": 2, "target_modules": ["embed_tokens", "lm_head", "o_proj"]}]
+
+
 @pytest.mark.parametrize("tied", [False, True])
-def test_lora_stage_bytes(tied):
-    """LoRA with the head in modules_to_save: peft trains a copy of it (of the embedding, when tied)."""
+@pytest.mark.parametrize("lora", range(len(LORAS)))
+def test_lora_stage_bytes(tied, lora):
+    """LoRA with the head in modules_to_save (peft trains a copy of it: of the embedding, when tied), and
+    with the embedding (peft's lora_embedding_A/B) and the head as targets."""
     from engine.lora import apply_lora
     from engine.trainable import RowGuard, apply_patterns, param_groups
 
-    lora = {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"], "modules_to_save": ["lm_head"]}
+    lora = LORAS[lora]
     model = apply_lora(_model(tied), LoraSpec.model_validate(lora))
     apply_patterns(model, [r"layers\.0\.input_layernorm"], [])
     t, ms = _states({"lora": lora, "trainable": {"include": [r"layers\.0\.input_layernorm"]}}, tied)

@@ -34,6 +34,11 @@ STAGES = [
     {"kind": "lora", "lora": {"r": 2, "target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj"],
                               "modules_to_save": ["embed_tokens"]}},
     {"kind": "relora", "lora": {"r": 4, "relora": {"merge_every": 5, "warm_start_steps": 3}}},
+    # peft's Embedding LoRA (lora_embedding_A/B), the head (tied: the embedding's tensor) as a target and
+    # as a trained copy, include / exclude on peft's names
+    {"kind": "lora", "lora": {"r": 2, "target_modules": ["embed_tokens", "lm_head"]}},
+    {"kind": "lora", "lora": {"r": 2, "modules_to_save": ["lm_head"]},
+     "trainable": {"include": ["layers\\.1\\.input_layernorm"], "exclude": ["layers\\.0\\.self_attn\\.q_proj"]}},
 ]
 
 
