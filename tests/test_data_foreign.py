@@ -316,6 +316,35 @@ def test_token_jsonl_and_multi_row_group_parquet(fx_tok, tmp_path):
         units(SourceSpec(path=str(FX / "parquet/docs.parquet"), format="tokens", ids_field="ids"))
 
 
+def test_token_jsonl_is_read_in_pieces_with_the_same_result(fx_tok, tmp_path, monkeypatch):
+    """A large token jsonl is read a piece (the lines starting in a byte range) at a time: the stream,
+    boundaries and validation split equal those of reading it whole, every line exactly once whatever
+    the cut (blank lines included), and a bad line is named by its line number in the file."""
+    from engine.data.foreign import units
+    path = tmp_path / "t.jsonl"
+    with open(path, "w") as f:
+        for i, d in enumerate(DOCS * 3):
+            f.write(json.dumps({"ids": d}) + "\n" + ("\n" if i % 7 == 3 else ""))
+    spec = SourceSpec(path=str(path), format="tokens", ids_field="ids", keep_boundaries=True, val_tokens=300)
+    whole = _prep(spec, fx_tok, tmp_path / "whole")
+    for piece in (97, 1000, 4096):  # bytes: cuts inside lines, at many places
+        monkeypatch.setenv("CPT_TOKENS_JSONL_PIECE", str(piece))
+        assert len(units(spec)) == -(-path.stat().st_size // piece)
+        cut = _prep(spec, fx_tok, tmp_path / f"cut-{piece}")
+        for split in ("train", "val"):
+            assert np.asarray(open_tokens(tmp_path / f"cut-{piece}", split)[:]).tolist() == \
+                np.asarray(open_tokens(tmp_path / "whole", split)[:]).tolist()
+        assert np.asarray(open_boundaries(tmp_path / f"cut-{piece}")).tolist() == \
+            np.asarray(open_boundaries(tmp_path / "whole")).tolist()
+        assert (cut["documents"], cut["train"], cut["foreign"]) == (whole["documents"], whole["train"], whole["foreign"])
+    lines = path.read_text().splitlines(keepends=True)
+    lines[40] = '{"ids": "not a list"}\n' if lines[40].strip() else lines[40]
+    path.write_text("".join(lines))
+    monkeypatch.setenv("CPT_TOKENS_JSONL_PIECE", "500")
+    with pytest.raises(DataError, match=f"t.jsonl:41: "):
+        _prep(spec, fx_tok, tmp_path / "bad")
+
+
 _KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})

@@ -37,6 +37,7 @@ from engine.spec import SourceSpec
 
 FOREIGN_FORMATS = ("mds", "datatrove", "megatron", "tokens")
 BATCH_TOKENS = 1 << 24  # tokens handed to the router at once
+JSONL_PIECE_BYTES = 64 << 20  # a token jsonl is read in pieces of about this size (CPT_TOKENS_JSONL_PIECE)
 
 MEGATRON_DTYPES = {1: "u1", 2: "i1", 3: "<i2", 4: "<i4", 5: "<i8", 6: "<f8", 7: "<f4", 8: "<u2"}
 MDS_DTYPE_CODES = {8: "u1", 9: "i1", 16: "<u2", 17: "<i2", 32: "<u4", 33: "<i4", 64: "<u8", 65: "<i8"}
@@ -56,6 +57,7 @@ class Unit:
     # load() -> (tokens, end offsets of documents / samples / rows (or None), whether they are documents)
     eos_check: bool = False  # the writer conventionally ends documents with EOS (datatrove, Megatron)
     meta: dict = field(default_factory=dict)
+    nbytes: Optional[int] = None  # the bytes it covers (progress), when not its files' whole size
 
 
 # --------------------------------------------------------------------------- file discovery
@@ -315,7 +317,7 @@ def _gather(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray
 
 def _tokens_units(path: str, ids_field: str) -> list[Unit]:
     if not path.endswith(".parquet"):
-        return [_jsonl_tokens_unit(path, ids_field)]
+        return _jsonl_tokens_unit(path, ids_field)
     import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(path)
@@ -350,29 +352,69 @@ def _tokens_units(path: str, ids_field: str) -> list[Unit]:
     return [unit(g) for g in range(pf.num_row_groups)]
 
 
-def _jsonl_tokens_unit(path: str, ids_field: str) -> Unit:
-    def load():  # the file in memory (token jsonl is for small data; use parquet at scale)
-        from engine.data.sources import _open_binary
+def _jsonl_tokens_unit(path: str, ids_field: str) -> list[Unit]:
+    """A token jsonl in pieces of about JSONL_PIECE_BYTES, one in memory at a time: a piece is the lines
+    that START in its byte range, so pieces follow from the file's size alone (no scan at plan time) and
+    every line is in exactly one. Compressed files are one piece (they cannot be read from the middle).
+    The file's first piece decides whether its rows are documents or pre-grouped blocks (one length)."""
+    piece = int(os.environ.get("CPT_TOKENS_JSONL_PIECE", JSONL_PIECE_BYTES))
+    size = os.path.getsize(path)
+    whole = path.endswith((".gz", ".zst")) or size <= piece
+    ranges = [(0, size)] if whole else [(a, min(a + piece, size)) for a in range(0, size, piece)]
+    decided: dict = {}
+
+    def read(a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        from engine.data.sources import _loads, _open_binary
         flats, lens = [], []
         with open(path, "rb") as raw, _open_binary(path, raw) as f:
-            for li, line in enumerate(f):
+            pos = a
+            if a:  # to the first line starting at or after a (a line starting before a is the last piece's)
+                raw.seek(a - 1)
+                pos = a - 1 + len(raw.readline())
+            li = -1
+            while whole or pos < b:
+                line = f.readline()
+                if not line:
+                    break
+                li += 1
+                at, pos = pos, pos + len(line)
                 if not line.strip():
                     continue
                 try:
-                    arr = np.asarray(json.loads(line)[ids_field], dtype=np.int64)
+                    arr = np.asarray(_loads(line)[ids_field], dtype=np.int64)
+                    bad = "" if arr.ndim == 1 else f"{ids_field!r} is not a flat list of ids"
                 except (ValueError, KeyError, TypeError) as e:
-                    raise DataError(f"{path}:{li + 1}: not a JSON object with a list of ids in {ids_field!r} "
-                                    f"({type(e).__name__}: {e}); fix the line or set ids_field:") from None
-                if arr.ndim != 1:
-                    raise DataError(f"{path}:{li + 1}: {ids_field!r} is not a flat list of ids")
+                    bad = (f"not a JSON object with a list of ids in {ids_field!r} ({type(e).__name__}: {e}); "
+                           "fix the line or set ids_field:")
+                if bad:
+                    raise DataError(f"{path}:{li + 1 if whole else _line_number(path, at)}: {bad}")
                 flats.append(arr)
                 lens.append(len(arr))
-        flat = np.concatenate(flats) if flats else np.zeros(0, np.int64)
-        lens = np.array(lens, np.int64)
-        grouped = len(lens) > 1 and bool((lens == lens[0]).all())
-        return flat, np.cumsum(lens), not grouped
+        return (np.concatenate(flats) if flats else np.zeros(0, np.int64)), np.array(lens, np.int64)
 
-    return Unit(path, [path], load)
+    def unit(g: int, a: int, b: int) -> Unit:
+        def load():
+            flat, lens = read(a, b)
+            if "grouped" not in decided:
+                first = lens if g == 0 else read(*ranges[0])[1]
+                decided["grouped"] = len(first) > 1 and bool((first == first[0]).all())
+            return flat, np.cumsum(lens), not decided["grouped"]
+        return Unit(path if whole else f"{path} (bytes {a}-{b})", [path] if g == 0 else [], load, nbytes=b - a)
+
+    return [unit(g, a, b) for g, (a, b) in enumerate(ranges)]
+
+
+def _line_number(path: str, offset: int) -> int:
+    """The 1-based number of the line at byte `offset` of an uncompressed file (for an error message)."""
+    n = 0
+    with open(path, "rb") as f:
+        while offset > 0:
+            chunk = f.read(min(offset, 1 << 24))
+            if not chunk:
+                break
+            n += chunk.count(b"\n")
+            offset -= len(chunk)
+    return n + 1
 
 
 # --------------------------------------------------------------------------- reading
@@ -453,7 +495,7 @@ class ForeignReader:
         batch_tokens = int(os.environ.get("CPT_FOREIGN_BATCH_TOKENS", BATCH_TOKENS))
         done_bytes = 0
         for fi, u in enumerate(self.units):
-            ubytes = sum(os.path.getsize(f) for f in u.files)
+            ubytes = u.nbytes if u.nbytes is not None else sum(os.path.getsize(f) for f in u.files)
             if after is not None and fi < after[0]:
                 done_bytes += ubytes
                 continue
