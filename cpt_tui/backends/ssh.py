@@ -359,21 +359,23 @@ class SshBackend(Backend):
 
     def preflight_disk(self, preset, plan: dict) -> None:
         """Before data preparation: each node's free disk against a lower bound of what the run writes
-        there (sync.planned_bytes: model, tokenizer, the planned token shards, one checkpoint), less
-        what the node's cache/ already holds (it may be this run's inputs, sent by an earlier run)."""
+        there (sync.planned_bytes: model, tokenizer, the planned token shards, the checkpoints kept; on
+        rank 0's node also sync.final_bytes: the stages' exported models), less what the node's cache/
+        already holds (it may be this run's inputs, sent by an earlier run)."""
         if self.shared:
             return
-        parts = sync.planned_bytes(preset, plan)
-        need = sum(parts.values())
-        detail = ", ".join(f"{k} {v}" for k, v in parts.items() if v)
+        common = sync.planned_bytes(preset, plan)
         nodes, names = self.cluster.nodes, node_names(self.cluster)
         with ThreadPoolExecutor(max_workers=min(8, len(nodes))) as ex:
             disks = list(ex.map(lambda i: self._disk(nodes[i], names[i]), range(len(nodes))))
         bad = []
-        for node, name, (free, cached, why) in zip(nodes, names, disks):
+        for i, (node, name, (free, cached, why)) in enumerate(zip(nodes, names, disks)):
             if why:
                 bad.append(why)
                 continue
+            parts = {**common, "final models": sync.final_bytes(preset, plan)} if i == 0 else common
+            need = sum(parts.values())
+            detail = ", ".join(f"{k} {v}" for k, v in parts.items() if v)
             new = max(0, need - cached)
             if new > free:
                 bad.append(f"node {name}: not enough disk in workdir {node.workdir}: the run needs at least {new} "

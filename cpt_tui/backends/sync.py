@@ -208,9 +208,11 @@ def planned_bytes(preset, plan: dict) -> dict[str, int]:
     """A LOWER bound of what a run writes into each node's workdir, knowable before data preparation
     (the preflight's disk check): the starting model (its directory's size, or parameters × dtype
     bytes), a tokenizer directory given by path, the token shards (the plan's training tokens per
-    source, each source's val_tokens, 2 bytes a token), and one checkpoint of the largest stage
-    without ZeRO (weights + optimizer state, from the plan's memory model). Never more than the run
-    really needs, so a refusal is always right; after preparation `prepare_stage` checks exactly."""
+    source, each source's val_tokens, 2 bytes a token), and the checkpoints the largest stage without
+    ZeRO keeps at once (weights + optimizer state from the plan's memory model, times the saves its
+    step cadence makes, the end's included, up to keep_last; a time cadence counts only the end's).
+    Never more than the run really needs, so a refusal is always right; after preparation
+    `prepare_stage` checks exactly. Rank 0's node also holds the exported models: `final_bytes`."""
     m = preset.model
     per_param = 4 if m.dtype == "float32" else 2
     params = max((s.get("params") or {}).get("total") or 0 for s in plan["stages"]) if plan.get("stages") else 0
@@ -229,9 +231,30 @@ def planned_bytes(preset, plan: dict) -> dict[str, int]:
                 tokens = int(tokens / s["epochs"])
             drawn[s["source"]] = max(drawn.get(s["source"], 0), tokens)
     shards = 2 * sum(drawn.get(n, 0) + (src.val_tokens or 0) for n, src in preset.sources.items())
-    checkpoint = 0
+    checkpoints = 0
     for st, spec in zip(plan.get("stages", []), preset.stages):
         b = ((st.get("memory") or {}).get("bytes") or {})
         if spec.zero_stage == 0 and spec.checkpoint.enabled:
-            checkpoint = max(checkpoint, int(b.get("params", 0)) + int(b.get("optimizer", 0)))
-    return {"model": model, "tokenizer": tokenizer, "token shards": shards, "one checkpoint": checkpoint}
+            one = int(b.get("params", 0)) + int(b.get("optimizer", 0))
+            checkpoints = max(checkpoints, one * _kept_checkpoints(spec.checkpoint, st))
+    return {"model": model, "tokenizer": tokenizer, "token shards": shards, "checkpoints": checkpoints}
+
+
+def _kept_checkpoints(c, st: dict) -> int:
+    """The checkpoints a stage holds at once, at the least (see planned_bytes)."""
+    steps, per_step = st.get("steps") or 0, st.get("tokens_per_step") or 0
+    every = c.every_steps or (-(-c.every_tokens // per_step) if c.every_tokens and per_step else None)
+    saves = -(-steps // every) if every and steps else 1
+    return max(1, min(c.keep_last, saves))
+
+
+def final_bytes(preset, plan: dict) -> int:
+    """A lower bound of the exported models rank 0's node keeps (each stage's final/: the merged model in
+    the model's dtype; a LoRA stage's counted without its adapters and trained copies)."""
+    per_param = 4 if preset.model.dtype == "float32" else 2
+    total = 0
+    for st in plan.get("stages", []):
+        p = st.get("params") or {}
+        n = (p.get("total") or 0) - ((p.get("trainable") or 0) if st.get("lora") else 0)
+        total += max(0, n) * per_param
+    return total
