@@ -1,7 +1,9 @@
 """Rank 0's events.jsonl streamed back over ssh into the manager's run directory (`shared_fs: false`).
 
 A small Python reader runs on the node under the guard (it ends with its ssh channel): it prints a
-header line `CPT-STREAM <offset>`, then every byte of the file from `offset` on, as it grows. The
+header line `CPT-STREAM <offset>`, then the file's complete lines from `offset` on, as it grows. It
+never sends a torn last line (a trainer killed mid-write): the next attempt's EventWriter truncates
+that, and it re-reads from the end of the last line it sent, so what it sent is never cut away. The
 manager appends those bytes to its local copy (RUN_DIR/stages/STAGE/events.jsonl), so the local file
 is always a byte prefix of the node's: its size is the offset to resume from after a cut connection,
 and the supervisor's ingest (offset + seq, idempotent) stays exactly as with a shared run directory.
@@ -29,11 +31,19 @@ while not os.path.exists(path):
         sys.exit(0)
     time.sleep(0.2)
 with open(path, "rb") as f:
-    f.seek(off)
     while True:
+        f.seek(off)  # whole lines only, read again from the last one sent (see the module docstring)
         b = f.read(1 << 20)
-        if b:
-            out.write(b); out.flush()
+        end = b.rfind(b"\n") + 1
+        while not end and len(b) >= 1 << 20:  # a line longer than one read
+            more = f.read(1 << 20)
+            if not more:
+                break
+            b += more
+            end = b.rfind(b"\n") + 1
+        if end:
+            out.write(b[:end]); out.flush()
+            off += end
         elif once:
             break
         else:
