@@ -259,6 +259,8 @@ class Supervisor:
             self.attempt = row["attempts"] or 1
             procs = self._adopt(idx)
             if not procs:  # what the previous attempt wrote after the stored offset is still its own
+                if row["attempts"]:
+                    self.backend.catch_up_events(sl)
                 off = row["events_offset"] or 0
                 while (new := self._ingest(self.backend.events_path(sl), idx, off)) != off:
                     off = new

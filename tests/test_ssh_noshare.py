@@ -42,8 +42,9 @@ S1, S2 = ("s1", 24), ("s2", 16)
 
 
 def cluster(nn, workdirs, **kw) -> dict:
+    env = kw.pop("env", {})  # extra environment on every node
     nodes = [{"host": al, "workdir": workdirs[al], "python": PY, "address": nn.addresses[al],
-              "env": {"PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": nn.ifnames[al], **kw.pop("env", {})}}
+              "env": {"PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": nn.ifnames[al], **env}}
              for al in nn.nodes]
     return {"kind": "ssh", "processes_per_node": 1, "ssh_options": ["-F", str(nn.ssh_config)],
             "nodes": nodes, "shared_fs": False, "main_process_port": kw.pop("port", 29530), **kw}
@@ -326,3 +327,82 @@ def test_run_detail_shows_a_node_disconnected_while_its_stream_is_down(tmp_path)
                 s.add_event(sample_db.LIVE, "@run", "status", state="node_connected", node="gpu-01", offset=4096)
             await until(pilot, lambda: "disconnected" not in title(app), 15)
     asyncio.run(go())
+
+
+_CATCH_UP = """
+import json, sys
+sys.path.insert(0, {root!r})
+from cpt_tui.backends import backend_for
+from engine.layout import RunLayout
+from engine.spec import load_preset
+preset = load_preset({preset!r})
+sl = RunLayout({run_dir!r}).stage("s1")
+backend = backend_for(preset.cluster)
+notes = []
+backend.notify = lambda type, **data: notes.append(data.get("state"))
+backend.catch_up_events(sl)
+print(json.dumps(notes))
+"""
+
+
+def test_a_new_attempt_first_fetches_what_the_previous_one_wrote(netns_private_nodes, cpt_home, tmp_path):
+    """Before relaunching a stage after its supervisor died, the backend fetches the rest of rank 0's
+    events.jsonl that the dead supervisor's stream had not copied (the supervisor then ingests it as the
+    previous attempt's): the manager's copy becomes the node's complete lines, a torn tail excluded."""
+    nn = netns_private_nodes
+    wd = {al: f"{nn.workdirs[al]}/catchup" for al in nn.nodes}
+    preset = tiny_preset(tmp_path / "p.yaml", [("s1", 8)], cluster=cluster(nn, wd))
+    run_dir = tmp_path / "runs" / "r-catchup"
+    local = run_dir / "stages" / "s1" / "events.jsonl"
+    local.parent.mkdir(parents=True)
+    lines = [json.dumps({"v": 1, "seq": i, "ts": 1.0, "type": "metric", "stage": "s1", "step": i}) + "\n"
+             for i in range(1, 41)]
+    node_file = f"{wd['node-a']}/runs/r-catchup/stages/s1/events.jsonl"
+    text = "".join(lines) + '{"v": 1, "seq": 41, "ty'  # the trainer was killed mid-write
+    r = nn.ssh("node-a", f"mkdir -p -- {shlex.quote(str(Path(node_file).parent))} && "
+                         f"printf %s {shlex.quote(text)} > {shlex.quote(node_file)}")
+    assert r.returncode == 0, r.stderr
+    local.write_text("".join(lines[:12]) + lines[12][:17])  # copied up to the middle of line 13
+    r = nn.run([PY, "-c", _CATCH_UP.format(root=str(ROOT), preset=str(preset), run_dir=str(run_dir))], timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert local.read_text() == "".join(lines)
+    assert "node_disconnected" not in json.loads(r.stdout.splitlines()[-1])
+
+
+def test_supervisor_death_the_old_attempts_last_events_stay_its_own(netns_private_nodes, cpt_home, tmp_path):
+    """kill -9 of the supervisor of a run without a shared disk: the node's guard ends the trainer, which
+    logs its last step and checkpoints after the stream is gone; the new supervisor (`cpt-tui runs`)
+    fetches those events before relaunching, so every metric row up to that checkpoint is attempt 1's
+    and the relaunch's rows start right after it."""
+    from cpt_tui.procs import proc_alive
+    from tests.test_supervisor import events as db_events, run_row as db_run, wait_done
+
+    nn, env, steps = netns_private_nodes, cpt_home, 40
+    wd = {al: f"{nn.workdirs[al]}/sup-death" for al in nn.nodes}
+    for al in nn.nodes:
+        assert nn.ssh(al, f"mkdir -p -- {shlex.quote(wd[al])}").returncode == 0
+    preset = tiny_preset(tmp_path / "p.yaml", [("s1", steps)], micro=4, every=5,
+                         cluster=cluster(nn, wd, port=29534, env={"CPT_FAULT_SLOW_S": "0.25"}))
+    r = cli(nn, ["--run", str(preset), "--detach", "--telemetry-interval", "0"], env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_id = r.stdout.strip()
+    wait_for(lambda: db_events(env, run_id, "s1", "checkpoint"), 240, "a first checkpoint (ingested)")
+    sup = db_run(env, run_id)["pid"]
+    os.kill(sup, signal.SIGKILL)
+    wait_for(lambda: not proc_alive(sup), 10, "the supervisor to die")
+    r = cli(nn, ["runs"], env, timeout=120)
+    assert r.returncode == 0 and run_id in r.stdout, r.stdout + r.stderr
+    row = wait_done(env, run_id, 300)
+    run_dir = Path(row["run_dir"])
+    assert row["status"] == "done", (row["error"], (run_dir / "stages" / "s1" / "train.log").read_text()[-3000:])
+
+    evs = node_events(nn, "node-a", wd["node-a"], run_dir, "s1")
+    (stopped,) = [e for e in evs if e["type"] == "status" and e["state"] == "stopped"]
+    k = stopped["step"]
+    con = sqlite3.connect(env["CPT_TUI_DB"])
+    rows = con.execute("SELECT step, attempt FROM metrics WHERE run_id = ? AND stage = 's1' ORDER BY seq",
+                       [run_id]).fetchall()
+    assert rows == [(s, 1) for s in range(1, k + 1)] + [(s, 2) for s in range(k + 1, steps + 1)], (k, rows)
+    # the manager's copy is the node's file, byte for byte
+    local = (run_dir / "stages" / "s1" / "events.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in local] == evs

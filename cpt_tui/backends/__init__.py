@@ -98,6 +98,9 @@ class Backend(ABC):
       `start_telemetry(cmd, stdout, stderr)` starts one (guarded: ends with its channel/manager).
     - `prepare_stage(layout)` / `finish_stage(layout)`: push a stage's inputs to / pull its outputs
       from the nodes (no-ops with a shared run directory).
+    - `catch_up_events(layout)`: before relaunching a stage that ran before (no adopted procs): bring
+      the events its previous attempt wrote that `events_path` lacks (a streaming backend whose
+      supervisor died mid-stage), so they are ingested as that attempt's (no-op when shared).
     - `requeue_reason(procs)`, once they ended: why the stage should be started again WITHOUT counting
       a crash (a scheduler's time limit or preemption after the trainer's checkpoint), or None.
       The supervisor requeues only if a newer checkpoint exists than when the attempt began.
@@ -174,6 +177,11 @@ class Backend(ABC):
 
     def finish_stage(self, layout: StageLayout) -> None:
         """Shared run directory: the stage's outputs are already here."""
+
+    def catch_up_events(self, layout: StageLayout) -> None:
+        """Before relaunching a stage that ran before: bring here the events its previous attempt wrote
+        that are not here yet (the supervisor ingests them as that attempt's). Shared run directory:
+        they are here."""
 
     def requeue_reason(self, procs: Sequence[Proc]) -> Optional[str]:
         """No scheduler: every unsuccessful end follows the restart policy."""

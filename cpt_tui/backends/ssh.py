@@ -447,7 +447,8 @@ class SshBackend(Backend):
             self._start_stream(layout)
         return out
 
-    def _start_stream(self, layout: StageLayout) -> None:
+    def _event_stream(self, layout: StageLayout) -> EventStream:
+        """The stream of rank 0's events.jsonl of this stage into the manager's copy (not started)."""
         node, name = self.cluster.nodes[0], node_names(self.cluster)[0]
         rel = sync.node_path(str(layout.events), str(layout.root.parent.parent))
         self._notes = getattr(self, "_notes", None) or Notes()
@@ -456,7 +457,19 @@ class SshBackend(Backend):
             return start_guarded(self._stream_command(node, name, rel, offset, once), stdout=subprocess.PIPE,
                                  stderr=subprocess.DEVNULL)
 
-        self._stream = EventStream(name, str(layout.events), command, self._notes).start()
+        return EventStream(name, str(layout.events), command, self._notes)
+
+    def _start_stream(self, layout: StageLayout) -> None:
+        self._stream = self._event_stream(layout).start()
+
+    def catch_up_events(self, layout: StageLayout) -> None:
+        """Before a new attempt: fetch what the previous attempt's rank 0 wrote after the last byte
+        streamed here (a supervisor killed mid-stage had not copied it), so that it is ingested as the
+        previous attempt's, not as the new one's."""
+        if self.shared:
+            return
+        self._event_stream(layout).fetch_rest()
+        self._deliver()
 
     def _finish_stream(self) -> None:
         st = getattr(self, "_stream", None)

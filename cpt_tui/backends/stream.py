@@ -144,6 +144,11 @@ class EventStream:
     def finish(self, attempts: int = 5) -> None:
         """Stop following, then fetch the rest of the file once (retried with backoff)."""
         self.stop()
+        self.fetch_rest(attempts)
+
+    def fetch_rest(self, attempts: int = 5) -> None:
+        """Fetch the file's complete lines after the local copy once (retried with backoff), without
+        following: what a dead supervisor's stream had not copied yet."""
         wait = BACKOFF_START
         for _ in range(attempts):
             offset = self.offset()
