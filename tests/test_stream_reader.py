@@ -10,13 +10,30 @@ import sys
 import threading
 import time
 
+import pytest
+
 from cpt_tui.backends.stream import READER
 from engine.events import EventWriter, read_events
+
+
+@pytest.fixture(autouse=True)
+def _readers():
+    """Readers that a failing test leaves following are ended."""
+    yield
+    for p in STARTED:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+    STARTED.clear()
+
+
+STARTED: list[subprocess.Popen] = []
 
 
 def _follow(path, offset: int, once: bool, got: bytearray) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-c", READER, str(path), str(offset), "once" if once else "follow"],
                          stdout=subprocess.PIPE)
+    STARTED.append(p)
     assert p.stdout.readline() == b"CPT-STREAM %d\n" % offset
 
     def copy():
