@@ -312,6 +312,14 @@ def test_token_jsonl_and_multi_row_group_parquet(fx_tok, tmp_path):
     from engine.data.foreign import units
     us = units(SourceSpec(path=str(FX / "parquet/grouped_64.parquet"), format="tokens"))
     assert len(us) == 5 and all(not u.load()[2] for u in us)  # 5 row groups, all pre-grouped
+    # progress: each row group covers its part of the file, and together the whole file
+    assert all(u.nbytes > 0 for u in us) and sum(u.nbytes for u in us) == (FX / "parquet/grouped_64.parquet").stat().st_size
+    from engine.data.foreign import ForeignReader
+    from engine.data.sources import Counters
+    reader = ForeignReader(SourceSpec(path=str(FX / "parquet/grouped_64.parquet"), format="tokens"), "src", fx_tok,
+                           Counters())
+    done = [meta["bytes"] for meta, _ in reader.batches()]  # bytes read after each batch (one per row group)
+    assert len(done) == 5 and done == sorted(set(done)) and done[-1] == reader.total_bytes, done
     with pytest.raises(DataError, match="no column 'ids'"):
         units(SourceSpec(path=str(FX / "parquet/docs.parquet"), format="tokens", ids_field="ids"))
 

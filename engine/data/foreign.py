@@ -347,8 +347,15 @@ def _tokens_units(path: str, ids_field: str) -> list[Unit]:
                 first = lens if g == 0 else read_group(0)[1]
                 decided["grouped"] = len(first) > 1 and bool((first == first[0]).all())
             return flat, np.cumsum(lens), not decided["grouped"]
-        return Unit(path if pf.num_row_groups == 1 else f"{path} (row group {g})", [path] if g == 0 else [], load)
+        return Unit(path if pf.num_row_groups == 1 else f"{path} (row group {g})", [path] if g == 0 else [], load,
+                    nbytes=shares[g])
 
+    # each row group's part of the file (progress): the file's size shared by the groups' compressed sizes
+    md, size = pf.metadata, os.path.getsize(path)
+    comp = [sum(md.row_group(g).column(c).total_compressed_size for c in range(md.num_columns))
+            for g in range(pf.num_row_groups)]
+    ends = [size * sum(comp[: g + 1]) // max(sum(comp), 1) for g in range(len(comp))]
+    shares = [e - (ends[g - 1] if g else 0) for g, e in enumerate(ends)]
     return [unit(g) for g in range(pf.num_row_groups)]
 
 
