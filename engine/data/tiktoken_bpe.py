@@ -48,6 +48,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from engine.data.sources import _loads
+
 SWITCH = "CPT_PREP_FAST=0"  # the environment setting that turns this path off (named in errors)
 
 # The GPT-2 pattern of tokenizers' ByteLevel pre-tokenizer (use_regex=True).
@@ -276,14 +278,6 @@ def _probe_key(tokenizer_json: str) -> str:
 @functools.lru_cache(maxsize=8)
 def _unsafe_cached(excluded: frozenset):
     return _unsafe_regex(excluded)
-
-
-def _loads(text: str):
-    try:
-        import orjson
-    except ImportError:
-        return json.loads(text)
-    return orjson.loads(text)
 
 
 # tiktoken's encode (the one that hands back a buffer) looks for the next *allowed* special token
