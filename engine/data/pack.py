@@ -163,11 +163,11 @@ def _tokenizer_key(tokenizer_dir: Path) -> Optional[str]:
 
 def _tokenizer_facts(tokenizer_dir: str | Path) -> tuple:
     """(backend JSON from the cache or the backend itself, {eos_token_id, bos_token_id, adds_bos, len, ids})."""
-    from engine.data.tiktoken_bpe import _cache_file
+    from engine.data.tiktoken_bpe import cache_dir
 
     d = Path(tokenizer_dir)
     key = _tokenizer_key(d) if d.is_dir() else None
-    cache = _cache_file().parent / "tokenizers"
+    cache = cache_dir() / "tokenizers"
     if key is not None:
         try:
             facts = json.loads((cache / f"{key}.json").read_text())

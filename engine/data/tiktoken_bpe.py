@@ -212,10 +212,16 @@ SAMPLES = [
 ]
 
 
-def _cache_file():
+def cache_dir():
+    """The per-user cache of preparation ($XDG_CACHE_HOME/cpt-tui): the probe verdicts, rank tables and
+    tokenizer facts, each keyed by content (engine/data/pack.py keeps its tokenizer facts here too)."""
     from pathlib import Path
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cpt-tui" / "tiktoken-probe.json"
+    return Path(base) / "cpt-tui"
+
+
+def _cache_file():
+    return cache_dir() / "tiktoken-probe.json"
 
 
 def _digest(*parts: bytes) -> str:
@@ -235,7 +241,7 @@ def derive_cached(tokenizer_json: str) -> tuple[Optional[Derivation], str]:
     except OSError:
         return derive(_loads(tokenizer_json))
     key = _digest(tokenizer_json.encode(), code)[:24]
-    path = _cache_file().with_name(f"tiktoken-ranks-{key}.npz")
+    path = cache_dir() / f"tiktoken-ranks-{key}.npz"
     try:
         with np.load(path, allow_pickle=False) as z:
             meta, blob, lens, ids = bytes(z["meta"]), z["blob"], z["lens"], z["ids"]
