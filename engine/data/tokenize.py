@@ -84,7 +84,7 @@ class Encoder:
         self.fast = None
         self._lock = threading.Lock()
         self._numbered = 0  # documents numbered by this encoder itself (calls without `first`)
-        self.checked_docs = self.checked_chars = 0  # what the sampled cross-check re-encoded
+        self.checked_docs = 0  # documents the sampled cross-check re-encoded
         self.skipped_long = 0  # sampled documents over VERIFY_MAX_CHARS (not re-encoded)
         self.checker = checker  # the cross-check in a helper process (EncodePool), else here, synchronously
         if hasattr(fast, "ids_batch"):
@@ -128,17 +128,13 @@ class Encoder:
         if first is None:  # a direct call: number the documents in the order of the calls
             with self._lock:
                 first, self._numbered = self._numbered, self._numbered + len(texts)
-        pick = [i for i in range(-first % VERIFY_EVERY, len(texts), VERIFY_EVERY) if ids[i] is not None]
-        long = [i for i in pick if len(texts[i]) > VERIFY_MAX_CHARS]
-        if long:
-            pick = [i for i in pick if len(texts[i]) <= VERIFY_MAX_CHARS]
-            with self._lock:
-                self.skipped_long += len(long)
-        if not pick:
-            return
+        sampled = [i for i in range(-first % VERIFY_EVERY, len(texts), VERIFY_EVERY) if ids[i] is not None]
+        pick = [i for i in sampled if len(texts[i]) <= VERIFY_MAX_CHARS]
         with self._lock:
             self.checked_docs += len(pick)
-            self.checked_chars += sum(len(texts[i]) for i in pick)
+            self.skipped_long += len(sampled) - len(pick)
+        if not pick:
+            return
         sample, got = [texts[i] for i in pick], [ids[i] for i in pick]
         if self.checker is not None:  # its verdict is awaited before the next commit (EncodePool.settle)
             self.checker.submit(sample, got)
