@@ -345,7 +345,7 @@ def _tokens_units(path: str, ids_field: str) -> list[Unit]:
             flat, lens = read_group(g)
             if "grouped" not in decided:
                 first = lens if g == 0 else read_group(0)[1]
-                decided["grouped"] = len(first) > 1 and bool((first == first[0]).all())
+                decided["grouped"] = _pre_grouped(first)
             return flat, np.cumsum(lens), not decided["grouped"]
         return Unit(path if pf.num_row_groups == 1 else f"{path} (row group {g})", [path] if g == 0 else [], load,
                     nbytes=shares[g])
@@ -357,6 +357,11 @@ def _tokens_units(path: str, ids_field: str) -> list[Unit]:
     ends = [size * sum(comp[: g + 1]) // max(sum(comp), 1) for g in range(len(comp))]
     shares = [e - (ends[g - 1] if g else 0) for g, e in enumerate(ends)]
     return [unit(g) for g in range(pf.num_row_groups)]
+
+
+def _pre_grouped(lens: np.ndarray) -> bool:
+    """Rows of one length (more than one row) are pre-grouped blocks, not documents."""
+    return len(lens) > 1 and bool((lens == lens[0]).all())
 
 
 def _jsonl_tokens_unit(path: str, ids_field: str) -> list[Unit]:
@@ -404,7 +409,7 @@ def _jsonl_tokens_unit(path: str, ids_field: str) -> list[Unit]:
             flat, lens = read(a, b)
             if "grouped" not in decided:
                 first = lens if g == 0 else read(*ranges[0])[1]
-                decided["grouped"] = len(first) > 1 and bool((first == first[0]).all())
+                decided["grouped"] = _pre_grouped(first)
             return flat, np.cumsum(lens), not decided["grouped"]
         return Unit(path if whole else f"{path} (bytes {a}-{b})", [path] if g == 0 else [], load, nbytes=b - a)
 
