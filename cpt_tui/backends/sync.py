@@ -214,7 +214,7 @@ def planned_bytes(preset, plan: dict) -> dict[str, int]:
     Never more than the run really needs, so a refusal is always right; after preparation
     `prepare_stage` checks exactly. Rank 0's node also holds the exported models: `final_bytes`."""
     m = preset.model
-    per_param = 4 if m.dtype == "float32" else 2
+    per_param = _bytes_per_param(preset)
     params = max((s.get("params") or {}).get("total") or 0 for s in plan["stages"]) if plan.get("stages") else 0
     if m.path and os.path.isdir(os.path.expanduser(m.path)):
         model = _dir_bytes(os.path.expanduser(m.path))
@@ -240,6 +240,11 @@ def planned_bytes(preset, plan: dict) -> dict[str, int]:
     return {"model": model, "tokenizer": tokenizer, "token shards": shards, "checkpoints": checkpoints}
 
 
+def _bytes_per_param(preset) -> int:
+    """A weight's bytes in the model's dtype: fp32 4, anything else (bf16, fp16, auto) at least 2."""
+    return 4 if preset.model.dtype == "float32" else 2
+
+
 def _kept_checkpoints(c, st: dict) -> int:
     """The checkpoints a stage holds at once, at the least (see planned_bytes)."""
     steps, per_step = st.get("steps") or 0, st.get("tokens_per_step") or 0
@@ -251,7 +256,7 @@ def _kept_checkpoints(c, st: dict) -> int:
 def final_bytes(preset, plan: dict) -> int:
     """A lower bound of the exported models rank 0's node keeps (each stage's final/: the merged model in
     the model's dtype; a LoRA stage's counted without its adapters and trained copies)."""
-    per_param = 4 if preset.model.dtype == "float32" else 2
+    per_param = _bytes_per_param(preset)
     total = 0
     for st in plan.get("stages", []):
         p = st.get("params") or {}
