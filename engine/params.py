@@ -176,7 +176,7 @@ def stage_trainable(preset: Preset, index: int, prepared_old_vocab: Optional[int
 
 def _describe(on: dict[str, int], sh: dict) -> str:
     """A short statement of what learns: embeddings, head, transformer blocks (all / some / none)."""
-    emb, head = "model.embed_tokens.weight", "lm_head.weight"
+    emb, head = EMB_IN, EMB_OUT
     parts = []
 
     def rows(name: str, label: str) -> None:
