@@ -223,7 +223,7 @@ class Supervisor:
             raise RunFailed(str(e)) from None
         attempt = (self.store.stages(self.run_id)[idx]["attempts"] or 0) + 1
         self.event(state="stage_started", stage_name=st.name, attempt=attempt,
-                   commands=self.backend.describe(cmds, started=True))
+                   commands=self.backend.describe(cmds, started=True, attempt=attempt))
         try:
             self.backend.prepare_stage(sl)  # nodes without a shared disk: push the stage's inputs
         except LaunchError as e:

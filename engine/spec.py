@@ -410,7 +410,8 @@ class ClusterSpec(_Strict):
         "engine/doctor.py), 1 on a node without CUDA")
     nodes: list[NodeSpec] = Field(default_factory=list)
     main_process_port: Optional[int] = Field(None, gt=0, lt=65536, description="default: a free port "
-                                             "picked per stage attempt (local), 29500 (ssh)")
+                                             "picked per stage attempt (local), 29500 (ssh), 10000 + the job id "
+                                             "% 20000 (slurm)")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="decided on each node: `auto` trains on CUDA where torch sees it and refuses "
         "bf16/fp16 on a node without it (preflight); `cuda` refuses any node without CUDA; `cpu` always "

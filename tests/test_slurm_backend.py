@@ -48,8 +48,9 @@ def _empty_queue(slurm_cluster: SlurmCluster):
     assert slurm_cluster.cancel_all(), slurm_cluster.run(["squeue"]).stdout
 
 
-def slurm_cl(c: SlurmCluster, nodes: int = 2, env: dict | None = None, **slurm) -> dict:
-    return {"kind": "slurm", "processes_per_node": 1, "main_process_port": free_port(),
+def slurm_cl(c: SlurmCluster, nodes: int = 2, env: dict | None = None, port: int | None = -1, **slurm) -> dict:
+    """`port`: -1 a free port; None the backend's default (from the job id)."""
+    return {"kind": "slurm", "processes_per_node": 1, "main_process_port": free_port() if port == -1 else port,
             "env": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})},
             "slurm": {"nodes": nodes, "partition": c.partition, "python": PY, "time": "0:10:00", **slurm}}
 
@@ -87,7 +88,7 @@ def test_script_two_rank_world_and_literal_values(slurm_cluster: SlurmCluster, t
     pwned = Path(f"/tmp/pwned_{uniq}")
     run_dir = tmp_path / f"a b; touch {pwned}" / "run $(touch {pwned}) `x`"
     evil = f"$(touch {pwned}) `touch {pwned}`; \"'\\ $HOME"
-    cluster = ClusterSpec(**slurm_cl(c, env={"EVIL": evil, "SPACED": "two  words"}))
+    cluster = ClusterSpec(**slurm_cl(c, env={"EVIL": evil, "SPACED": "two  words"}, port=None))
     b = backend_for(cluster, local_env=c.env)
     b.preflight()
     stage = StageSpec(name="probe", mixture={"weights": {"x": 1.0}, "tokens": 1}, seq_len=8, micro_batch_size=1,
@@ -110,7 +111,8 @@ def test_script_two_rank_world_and_literal_values(slurm_cluster: SlurmCluster, t
     assert all(r["env"]["EVIL"] == evil and r["env"]["SPACED"] == "two  words" for r in recs)
     log = sl.log.read_text()
     assert "node cn1 machine_rank 0" in log and "node cn2 machine_rank 1" in log, log
-    assert "main 127.0.0.1" in log  # the first node's NodeAddr, not its (unresolvable) name
+    assert f"main 127.0.0.1 port {10000 + p.pid % 20000}\n" in log  # the first node's NodeAddr, not its
+    # (unresolvable) name; without cluster.main_process_port, the port follows from the job id
     assert not pwned.exists()
     assert sl.job_exit(1).read_text().strip() == "0"
 
@@ -224,7 +226,12 @@ def test_scancel_kill_restarts_from_checkpoint(slurm_cluster: SlurmCluster, cpt_
     row = wait_done(env, run_id, 300)
     assert row["status"] == "done", row["error"]
     s1 = stage_row(env, run_id)
-    assert (s1["restarts"], s1["attempts"]) == (1, 2)  # a crash: the restart policy
+    restarts = [e["reason"] for e in events(env, run_id, "@run", "status") if e["state"] == "restarting"]
+    assert (s1["restarts"], s1["attempts"]) == (1, 2), (  # a crash: the restart policy
+        restarts, (run_dir / "stages" / "s1" / "train.log").read_text()[-6000:] + c.log_tails())
+    started = [e for e in events(env, run_id, "@run", "status") if e["state"] == "stage_started"]
+    assert [e["attempt"] for e in started] == [1, 2]
+    assert "slurm.2.sbatch" in started[1]["commands"] and "slurm.1.sbatch" not in started[1]["commands"]
     evs, _ = read_events(run_dir / "stages" / "s1" / "events.jsonl")
     i = next(k for k, e in enumerate(evs) if e["type"] == "status" and e.get("resumed_from"))
     last_ck = [e for e in evs[:i] if e["type"] == "checkpoint"][-1]

@@ -138,7 +138,8 @@ class Backend(ABC):
                  module: str = "engine.train", main_process_port: Optional[int] = None) -> list[NodeCommand]:
         ...
 
-    def describe(self, cmds: Sequence[NodeCommand], *, started: bool = False) -> str:
+    def describe(self, cmds: Sequence[NodeCommand], *, started: bool = False, attempt: int = 1) -> str:
+        """The commands as a user would read them; `started`: as launched for stage attempt `attempt`."""
         return format_commands(cmds)
 
     def prepare_stage(self, layout: StageLayout) -> None:

@@ -96,7 +96,7 @@ def stage_deepspeed(stage: StageSpec, world_size: int, run_dir: str, *, cpu: boo
     return str(path)
 
 
-def launch_args(*, total: int, machines: int, rank: int, main_ip: Optional[str], port: int, stage: StageSpec,
+def launch_args(*, total: int, machines: int, rank: int, main_ip: Optional[str], port: int | str, stage: StageSpec,
                 ds_path: Optional[str], cpu: bool, module: str, stage_json: str) -> list[str]:
     """The arguments after `python -m accelerate.commands.launch` for machine `rank`."""
     a = ["--num_processes", str(total), "--num_machines", str(machines), "--machine_rank", str(rank)]

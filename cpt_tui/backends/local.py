@@ -88,7 +88,7 @@ class LocalBackend(Backend):
         if bad:
             raise LaunchError("\n".join(f"node local: {b}" for b in bad))
 
-    def describe(self, cmds: Sequence[NodeCommand], *, started: bool = False) -> str:
+    def describe(self, cmds: Sequence[NodeCommand], *, started: bool = False, attempt: int = 1) -> str:
         if not started:
             return format_commands(cmds)
         text = format_commands([replace(c, display="<keeper> " + _with_env(c.env, c.launch)) for c in cmds])

@@ -9,7 +9,7 @@ local pid). The script
 - finds the main process address: the first host of the allocation (`scontrol show hostnames`), as its
   `NodeAddr` (`scontrol show node -o`; on most clusters the node name itself),
 - `srun`s one `accelerate launch --num_machines N --machine_rank $SLURM_NODEID --main_process_ip <that>`
-  per node under a small task wrapper (`_TASK`: ignores TERM itself, waits until every descendant is
+  (`--main_process_port`: cluster.main_process_port, else PORT_BASE + job id % PORT_SPAN) per node under a small task wrapper (`_TASK`: ignores TERM itself, waits until every descendant is
   gone — the trainer may still be writing its checkpoint when accelerate exits — and exits with the
   launcher's status), with the stage's env exported,
 - traps the batch shell's TERM (Slurm sends it `grace` s before the time limit, and on preemption):
@@ -53,8 +53,11 @@ from engine.spec import ClusterSpec, SlurmSpec, StageSpec
 
 POLL_S = 1.0  # at most one squeue per job per second
 CMD_TIMEOUT = 30.0
-NODEID, MAIN_IP = "{SLURM_NODEID}", "{MAIN_IP}"  # filled in by the task wrapper on each node
-MAIN_IP_VAR = "CPT_SLURM_MAIN_IP"
+NODEID, MAIN_IP, MAIN_PORT = "{SLURM_NODEID}", "{MAIN_IP}", "{MAIN_PORT}"  # filled in by the task wrapper
+MAIN_IP_VAR, MAIN_PORT_VAR = "CPT_SLURM_MAIN_IP", "CPT_SLURM_MAIN_PORT"
+# Without cluster.main_process_port, the rendezvous port follows from the job id (as in most sites' sbatch
+# scripts): jobs sharing a node (a few GPUs each) never share one fixed port; below the ephemeral range.
+PORT_BASE, PORT_SPAN = 10000, 20000
 TASK_PLACEHOLDER = "<task>"
 PROPAGATED_PREFIXES = ("NCCL_", "GLOO_", "TORCH_", "CPT_FAULT_")
 PROPAGATED_NAMES = ("HF_HOME", "PYTHONPATH", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE")
@@ -75,10 +78,12 @@ try:
 except Exception:
     pass
 env = os.environ
-sub = {"{SLURM_NODEID}": env.get("SLURM_NODEID", "0"), "{MAIN_IP}": env.get("CPT_SLURM_MAIN_IP", "")}
+sub = {"{SLURM_NODEID}": env.get("SLURM_NODEID", "0"), "{MAIN_IP}": env.get("CPT_SLURM_MAIN_IP", ""),
+       "{MAIN_PORT}": env.get("CPT_SLURM_MAIN_PORT", "")}
 argv = [sub.get(a, a) for a in sys.argv[1:]]
-print("cpt-tui slurm: node %s machine_rank %s job %s main %s" % (env.get("SLURMD_NODENAME"),
-      sub["{SLURM_NODEID}"], env.get("SLURM_JOB_ID"), sub["{MAIN_IP}"]), flush=True)
+port = argv[argv.index("--main_process_port") + 1] if "--main_process_port" in argv else "?"
+print("cpt-tui slurm: node %s machine_rank %s job %s main %s port %s" % (env.get("SLURMD_NODENAME"),
+      sub["{SLURM_NODEID}"], env.get("SLURM_JOB_ID"), sub["{MAIN_IP}"], port), flush=True)
 child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
 rc = 1
 while True:
@@ -253,7 +258,7 @@ class SlurmBackend(Backend):
         ds_path = stage_deepspeed(stage, total, run_dir, cpu=cpu, write=write_configs)
         launch = [spec.python, "-m", LAUNCH_MODULE, *launch_args(
             total=total, machines=machines, rank=0, main_ip=MAIN_IP if machines > 1 else None,
-            port=main_process_port or cluster.main_process_port, stage=stage, ds_path=ds_path, cpu=cpu,
+            port=main_process_port or cluster.main_process_port or MAIN_PORT, stage=stage, ds_path=ds_path, cpu=cpu,
             module=module, stage_json=stage_json)]
         if machines > 1:
             launch[launch.index("--machine_rank") + 1] = NODEID
@@ -292,6 +297,7 @@ class SlurmBackend(Backend):
             'first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
             "addr=$(scontrol show node \"$first\" -o | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p' | head -n 1)",
             f'export {MAIN_IP_VAR}="${{addr:-$first}}"',
+            f"export {MAIN_PORT_VAR}=$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN} ))",
             f"on_term() {{ : > {q(str(marker))}; scancel --signal=TERM \"$SLURM_JOB_ID\"; }}",
             "trap on_term TERM  # Slurm's pre-time-limit / preemption signal: the trainer checkpoints",
             f"{shlex.join(srun)} {q(spec.python)} -c {task} {shlex.join(launch)} &",
@@ -306,16 +312,22 @@ class SlurmBackend(Backend):
 
     def _display(self, cmd: NodeCommand, stage_name: str, sl: StageLayout, attempt: int) -> str:
         script = self.script(cmd.launch, redact(cmd.env), sl, attempt, stage_name, task_code=TASK_PLACEHOLDER)
+        argv = [*cmd.argv[:-1], str(sl.sbatch_script(attempt))]
         return (f"# batch script {sl.sbatch_script(attempt)}:\n{script}\n# submitted with:\n"
-                f"{shlex.join(self._argv(cmd.argv))}")
+                f"{shlex.join(self._argv(argv))}")
 
-    def describe(self, cmds: Sequence[NodeCommand], *, started: bool = False) -> str:
+    def describe(self, cmds: Sequence[NodeCommand], *, started: bool = False, attempt: int = 1) -> str:
         lines = []
         for c in cmds:
+            display = c.display
+            if attempt != 1:  # the script of this attempt (commands() renders attempt 1's)
+                sl = StageLayout(Path(c.argv[-1]).parent)
+                display = self._display(c, sl.name, sl, attempt)
             lines += [f"# Slurm: one batch job of {self.spec.nodes} node(s) × {self.cluster.processes_per_node} "
-                      f"process(es)" + (f", via {self.spec.login}" if self.spec.login else ""), c.display, ""]
+                      f"process(es)" + (f", via {self.spec.login}" if self.spec.login else ""), display, ""]
         lines.append(f"# {TASK_PLACEHOLDER}: a small Python wrapper (cpt_tui.backends.slurm._TASK) that fills in "
-                     f"{NODEID} ($SLURM_NODEID) and {MAIN_IP} (the first node's address), and waits for the "
+                     f"{NODEID} ($SLURM_NODEID), {MAIN_IP} (the first node's address) and {MAIN_PORT} "
+                     f"({PORT_BASE} + job id % {PORT_SPAN}, without cluster.main_process_port), and waits for the "
                      "trainer's checkpoint before the step ends")
         return "\n".join(lines)
 

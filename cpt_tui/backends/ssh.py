@@ -336,8 +336,8 @@ class SshBackend(Backend):
                 lines.append(f"# {name}: pull checkpoints/ (this rank's own files)")
         return lines
 
-    def describe(self, cmds: Sequence[NodeCommand], *, started: bool = False) -> str:
-        text = super().describe(cmds, started=started)
+    def describe(self, cmds: Sequence[NodeCommand], *, started: bool = False, attempt: int = 1) -> str:
+        text = super().describe(cmds, started=started, attempt=attempt)
         if self.shared:
             return text
         return text + "\n\n# shared_fs: false — nothing is shared with the nodes:\n" + "\n".join(self.push_commands())
