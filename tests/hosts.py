@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import random
 import shutil
 import signal
 import socket
@@ -64,10 +65,37 @@ def procs_matching(match) -> list[int]:
     return out
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port free now, for a test's rendezvous or sshd. Taken BELOW the kernel's ephemeral range: a test
+    keeps its port across stage attempts, and a port from bind(0) may meanwhile become the local end of
+    any outgoing connection on the machine (the other pytest worker's gloo/ssh traffic), so the next
+    attempt could not bind it."""
+    low = _ephemeral_low()
+    if low <= 4096:
+        lo, hi = 0, 1  # no room below the range: bind(0)
+    else:  # each pytest-xdist worker its own slice, so two workers never pick the same port
+        worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+        n = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        span = (low - 2048) // max(n, 1)
+        lo = 2048 + worker * span
+        hi = lo + span
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(lo, hi)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port below {low} on {host}")
 
 
 def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:

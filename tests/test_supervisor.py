@@ -119,7 +119,9 @@ def start_in_terminal_then_close_it(env, preset: Path, *extra: str) -> str:
 
 def test_kill9_supervisor_training_continues_and_resume_readopts(cpt_home, tmp_path):
     """Also: the terminal that started `--run --detach` (and an `attach`) closes first; the run goes on."""
-    env = cpt_home
+    # Unslowed, the 240 steps of s1 take ~1 s: under load the trainer could finish the stage before the
+    # supervisor has ingested its first checkpoint and is killed. Steps 21.. take 0.1 s more (s1: +22 s).
+    env = {**cpt_home, "CPT_FAULT_SLOW_S": "0.1", "CPT_FAULT_SLOW_STEPS": ",".join(map(str, range(21, 241)))}
     preset = tiny_preset(tmp_path / "p.yaml", [("s1", 240), ("s2", 30)])
     run_id = start_in_terminal_then_close_it(env, preset, "--telemetry-interval", "1")
     wait_for(lambda: events(env, run_id, "s1", "checkpoint"), 180, "a first checkpoint in stage s1")
