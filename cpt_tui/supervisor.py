@@ -290,6 +290,8 @@ class Supervisor:
                 why += f": {reason}"
             elif state == "stopped":
                 why += " (stopped by SIGTERM without a stop request)"
+            elif state is None and (hint := self.backend.failure_reason(procs, sl)):
+                why += f": {hint}"
             refused = state == "failed" and (reason or "").startswith("DeviceError")  # the node cannot: no retry
             if restarts > self.opts["max_restarts"] or refused:
                 self.store.update_stage(self.run_id, idx, status="failed", finished=time.time())

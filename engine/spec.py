@@ -387,6 +387,23 @@ class NodeSpec(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+_OUTPUT = "cpt-tui sends the job's output to the stage's train.log (what it shows and tails); not settable"
+_FIELD = "set it with the slurm block's own field `{}`"
+# sbatch options that `slurm.extra` may not hold: cpt-tui sets them itself (an extra one would be overridden,
+# or would undo what the batch script relies on), or the slurm block has a field for them.
+_SBATCH_OWNED = {
+    **dict.fromkeys(("--output", "-o", "--error", "-e", "--open-mode"), _OUTPUT),
+    **dict.fromkeys(("--parsable", "--export"), "cpt-tui needs it as it sets it (job id; the stage's environment)"),
+    "--signal": "cpt-tui asks for B:TERM before the time limit: set slurm.signal_grace",
+    "--ntasks-per-node": "one task per node (accelerate launch starts cluster.processes_per_node processes)",
+    **{k: _FIELD.format(f) for f, keys in (("nodes", ("--nodes", "-N")), ("partition", ("--partition", "-p")),
+                                           ("account", ("--account", "-A")), ("qos", ("--qos", "-q")),
+                                           ("time", ("--time", "-t")), ("gres", ("--gres",)),
+                                           ("constraint", ("--constraint", "-C")),
+                                           ("job_name", ("--job-name", "-J"))) for k in keys},
+}
+
+
 class SlurmSpec(_Strict):
     """`cluster.slurm`: one batch job per stage attempt (see cpt_tui/backends/slurm.py)."""
     nodes: int = Field(1, gt=0, description="nodes per stage job (one accelerate launch each)")
@@ -401,6 +418,15 @@ class SlurmSpec(_Strict):
     python: str = Field("python3", description="the nodes' Python with the engine installed")
     signal_grace: int = Field(300, ge=0, description="seconds before the time limit: TERM (checkpoint), then requeue")
     job_name: Optional[str] = None
+
+    @field_validator("extra")
+    @classmethod
+    def _extra(cls, v: list[str]) -> list[str]:
+        for x in v:
+            opt = x.split("=", 1)[0] if x.startswith("--") else x[:2] if x.startswith("-") else None
+            if opt in _SBATCH_OWNED:
+                raise ValueError(f"{x!r}: {_SBATCH_OWNED[opt]}")
+        return v
 
 
 class ClusterSpec(_Strict):

@@ -335,3 +335,29 @@ def test_pending_job_shows_reason_and_invalid_partition_is_exit_2(slurm_cluster:
     assert r.returncode == 0, r.stderr
     assert wait_done(env, run_id, 60)["status"] == "stopped"
     assert c.squeue(sched["job"]) == ""
+
+
+
+def test_a_job_its_nodes_cannot_launch_fails_naming_the_shared_filesystem(slurm_cluster: SlurmCluster, cpt_home,
+                                                                         tmp_path):
+    """Nodes that do not see the run directory: slurmd cannot open the job's output file and Slurm fails
+    the job before anything runs (Reason=JobLaunchFailure, ExitCode=0:53, measured on this cluster). Here
+    the job is submitted held (`--hold`), its stage directory removed, then released: no node has the
+    output file's directory. The stage's failure says what to check, not only `exit 181`."""
+    import shutil
+    c = slurm_cluster
+    env = with_slurm(cpt_home, c)
+    preset = tiny_preset(tmp_path / "p.yaml", [("s1", 10)], cluster=slurm_cl(c, extra=["--hold"]), micro=4,
+                         name="tiny-slurm")
+    run_id = start(env, preset, "--telemetry-interval", "0", "--max-restarts", "0")
+    job = wait_for(lambda: job_of(env, run_id), 120, "the job to be submitted")
+    assert c.state(job) == "PENDING"
+    stage_dir = Path(run_row(env, run_id)["run_dir"]) / "stages" / "s1"
+    shutil.rmtree(stage_dir)
+    c.run(["scontrol", "release", job], check=True)
+    row = wait_done(env, run_id, 180)
+    assert row["status"] == "failed", row
+    err = row["error"]
+    assert f"exit 181: Slurm could not launch job {job} on cn[1-2] (FAILED, Reason=JobLaunchFailure" in err, err
+    assert "ExitCode=0:53" in err and "the nodes must see the run directory at the same path" in err, err
+    assert str(stage_dir / "train.log") in err

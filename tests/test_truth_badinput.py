@@ -147,6 +147,10 @@ CASES = {
     "glob-matches-nothing": (edit(lambda d: d["sources"]["code"].update(path="/tmp/cpt-no-such-dir-*/x*.parquet")),
                              "run", [r"sources\.code\.path"], True),
     "bad-format": (edit(lambda d: d["sources"]["code"].update(format="csv")), "plan", [r"sources\.code\.format"], True),
+    # --- a field that would do nothing: cpt-tui rewrites sbatch's --output to the stage's train.log
+    "slurm-extra-output": (edit(lambda d: d.update(cluster={"kind": "slurm", "processes_per_node": 1, "slurm": {
+        "extra": ["--exclusive", "--output=/shared/logs/%j.out"]}})), "plan",
+        [r"cluster\.slurm\.extra", r"--output=/shared/logs/%j\.out", r"train\.log"], True),
 }
 
 

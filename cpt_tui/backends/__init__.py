@@ -188,6 +188,11 @@ class Backend(ABC):
         """No scheduler: every unsuccessful end follows the restart policy."""
         return None
 
+    def failure_reason(self, procs: Sequence[Proc], layout: StageLayout) -> Optional[str]:
+        """Why the stage's processes ended when the trainer said nothing (it never started), if the
+        backend knows; None otherwise."""
+        return None
+
     def scheduler_state(self, procs: Sequence[Proc]) -> Optional[dict]:
         return None
 

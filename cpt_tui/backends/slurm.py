@@ -443,6 +443,20 @@ class SlurmBackend(Backend):
                         f"{self.spec.signal_grace} s, or preemption)")
         return None
 
+    def failure_reason(self, procs: Sequence[Proc], layout: StageLayout) -> Optional[str]:
+        """A job Slurm could not start on its nodes (JobLaunchFailure: slurmd could not open the output
+        file, seen as ExitCode 0:53): almost always nodes that do not see the run directory."""
+        for p in procs:
+            if p.backend != self.kind:
+                continue
+            js = self.job(str(p.pid))
+            if js.reason == "JobLaunchFailure":
+                return (f"Slurm could not launch job {p.pid} on {js.nodes or 'its nodes'} ({js.state}, "
+                        f"Reason=JobLaunchFailure, ExitCode={js.exit_code}): the nodes must see the run "
+                        f"directory at the same path (its output file {layout.log}) on a filesystem they "
+                        "share (set CPT_TUI_HOME there); the node's slurmd log names the path it could not open")
+        return None
+
     def _scancel(self, args: Sequence[str]) -> None:
         self._run(["scancel", *args])
 
