@@ -297,7 +297,7 @@ class SlurmBackend(Backend):
             'first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
             "addr=$(scontrol show node \"$first\" -o | tr ' ' '\\n' | sed -n 's/^NodeAddr=//p' | head -n 1)",
             f'export {MAIN_IP_VAR}="${{addr:-$first}}"',
-            f"export {MAIN_PORT_VAR}=$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN} ))",
+            *([f"export {MAIN_PORT_VAR}=$(( {PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN} ))"] if MAIN_PORT in launch else []),
             f"on_term() {{ : > {q(str(marker))}; scancel --signal=TERM \"$SLURM_JOB_ID\"; }}",
             "trap on_term TERM  # Slurm's pre-time-limit / preemption signal: the trainer checkpoints",
             f"{shlex.join(srun)} {q(spec.python)} -c {task} {shlex.join(launch)} &",
@@ -325,9 +325,10 @@ class SlurmBackend(Backend):
                 display = self._display(c, sl.name, sl, attempt)
             lines += [f"# Slurm: one batch job of {self.spec.nodes} node(s) × {self.cluster.processes_per_node} "
                       f"process(es)" + (f", via {self.spec.login}" if self.spec.login else ""), display, ""]
+        port = (f", {MAIN_PORT} ({PORT_BASE} + job id % {PORT_SPAN})" if any(MAIN_PORT in c.launch for c in cmds)
+                else "")
         lines.append(f"# {TASK_PLACEHOLDER}: a small Python wrapper (cpt_tui.backends.slurm._TASK) that fills in "
-                     f"{NODEID} ($SLURM_NODEID), {MAIN_IP} (the first node's address) and {MAIN_PORT} "
-                     f"({PORT_BASE} + job id % {PORT_SPAN}, without cluster.main_process_port), and waits for the "
+                     f"{NODEID} ($SLURM_NODEID), {MAIN_IP} (the first node's address){port}, and waits for the "
                      "trainer's checkpoint before the step ends")
         return "\n".join(lines)
 
