@@ -163,7 +163,9 @@ def test_kill9_supervisor_training_continues_and_resume_readopts(cpt_home, tmp_p
 
 
 def test_kill9_trainer_resumes_from_checkpoint_until_the_restart_limit(cpt_home, tmp_path):
-    env = cpt_home
+    # Unslowed, the 600 steps take ~3 s: under load an attempt could end before it is killed. +0.05 s a
+    # step (30 s an attempt) costs ~2 s here: both kills come within a few dozen steps.
+    env = {**cpt_home, "CPT_FAULT_SLOW_S": "0.05"}
     preset = tiny_preset(tmp_path / "p.yaml", [("s1", 600)], every=10)
     run_id = start(env, preset, "--max-restarts", "1", "--restart-backoff", "0.5", "--telemetry-interval", "0")
     run_dir = Path(run_row(env, run_id)["run_dir"])
