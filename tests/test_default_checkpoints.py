@@ -36,7 +36,9 @@ def test_default_cadence_and_off_in_the_spec():
 
 
 def test_kill9_after_a_time_based_checkpoint_resumes_from_it(cpt_home, tmp_path):
-    env = {**cpt_home, "CPT_TEST_CHECKPOINT_MINUTES": "0.1", "CPT_FAULT_SLOW_S": "0.05"}
+    # A time-based checkpoint every 6 s; 0.1 s a step leaves the trainer ~14 s (not ~4 s at 0.05) after
+    # the first one, for the supervisor to ingest it and the test to kill the trainer on a loaded machine.
+    env = {**cpt_home, "CPT_TEST_CHECKPOINT_MINUTES": "0.1", "CPT_FAULT_SLOW_S": "0.1"}
     path = tiny_preset(tmp_path / "p.yaml", [("s1", 200)], name="tiny-ckpt")
     d = yaml.safe_load(path.read_text())
     del d["stages"][0]["checkpoint"]

@@ -27,7 +27,9 @@ def _adoptions(env, run_id) -> int:
 
 def test_every_entry_point_readopts_an_orphaned_run(cpt_home, tmp_path):
     require(shutil.which("tmux") is not None, "tmux not installed (.ci/setup-hosts.sh)")
-    env = {**cpt_home, "CPT_FAULT_SLOW_S": "0.1"}
+    # 0.25 s a step: the trainer is still running (15 s for the stage) when the test pauses it below,
+    # however late the supervisor ingests the first step on a loaded machine.
+    env = {**cpt_home, "CPT_FAULT_SLOW_S": "0.25"}
     preset = tiny_preset(tmp_path / "p.yaml", [("s1", 60)], every=20)
     run_id = start(env, preset, "--telemetry-interval", "0")
     run_dir = Path(run_row(env, run_id)["run_dir"])

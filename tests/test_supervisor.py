@@ -209,8 +209,10 @@ def test_kill9_trainer_resumes_from_checkpoint_until_the_restart_limit(cpt_home,
 
 
 def test_ctrl_c_without_terminal_detaches_then_stop_and_resume(cpt_home, tmp_path):
-    # Each step takes ≥ 0.15 s, so the stage is still running when `stop` arrives on a fast machine.
-    env = {**cpt_home, "CPT_FAULT_SLOW_S": "0.15"}
+    # Each step takes ≥ 0.5 s until the stop (40 s for the stage), so it is still running when Ctrl-C and
+    # `stop` arrive, even when a loaded machine starves the following CLI for a while (seen in CI at
+    # 0.15 s: the CLI caught up after the run had ended, and exited 0). The resumed run goes at full speed.
+    env = {**cpt_home, "CPT_FAULT_SLOW_S": "0.5"}
     preset = tiny_preset(tmp_path / "p.yaml", [("s1", 80)], every=10)
     p = subprocess.Popen([sys.executable, "-m", "cpt_tui.cli", "--run", str(preset), "--telemetry-interval", "0"],
                          env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -233,7 +235,7 @@ def test_ctrl_c_without_terminal_detaches_then_stop_and_resume(cpt_home, tmp_pat
     r = run_cli(["logs", run_id], env)
     assert "==> supervisor.log <==" in r.stdout and "==> stages/s1/train.log <==" in r.stdout
 
-    r = run_cli(["resume", run_id], env, timeout=120)
+    r = run_cli(["resume", run_id], cpt_home, timeout=120)  # its supervisor and trainer: not slowed
     assert r.returncode == 0, r.stderr
     r = run_cli(["attach", run_id], env, timeout=300)  # follows to the end
     assert r.returncode == 0 and f"run {run_id} done" in r.stdout, r.stdout[-2000:] + r.stderr
