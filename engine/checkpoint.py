@@ -75,12 +75,23 @@ def torch_load(path: Path):
 
 
 def fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        fsync_dir(d)
+    """fsync every file and directory under `root`. Other ranks may be writing into the same
+    directory meanwhile (a shared run directory): an entry that vanishes between the listing and
+    its fsync (a library's temporary file, renamed by its writer) is not this rank's, and is skipped."""
+    dirs = []
+    for d, _, files in os.walk(root):
+        dirs.append(d)
+        for name in files:
+            try:
+                with open(os.path.join(d, name), "rb") as f:
+                    os.fsync(f.fileno())
+            except FileNotFoundError:
+                pass
+    for d in dirs:
+        try:
+            fsync_dir(Path(d))
+        except FileNotFoundError:
+            pass
 
 
 def read_state(path: Path) -> dict:

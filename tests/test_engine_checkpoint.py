@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,3 +152,55 @@ def test_node_local_dirs_every_node_writes_and_resume_takes_the_step_complete_ev
     # without node-local dirs nothing changes: rank 1 writes no directory
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert not Checkpointer(node_b, CheckpointSpec(), 100, NodeDist(1, [None]), _Events(), False).dir_writer
+
+
+def test_fsync_tree_skips_what_another_rank_renames_away_meanwhile(tmp_path, monkeypatch):
+    """On a shared run directory a non-writer rank fsyncs the checkpoint's .tmp-step-N while the writer
+    still writes into it; libraries write through temporary files they rename (seen in CI: rank 1 died
+    with FileNotFoundError on `.tmp-step-32/.tmp5a29Nl`, and its stage restarted). Entries that vanish
+    between the listing and their fsync are skipped; the rest are still flushed."""
+    import os
+    import threading
+
+    from engine import checkpoint as C
+
+    (tmp_path / "sub").mkdir()
+    for name in ("model.safetensors", "sub/rng-rank1.pt", ".tmpAbC123"):
+        (tmp_path / name).write_bytes(b"x")
+    real_walk, synced = os.walk, []
+
+    def walk(top, *a, **kw):  # the writer renames its temporary file right after the listing
+        for d, subs, files in real_walk(top, *a, **kw):
+            if ".tmpAbC123" in files:
+                os.replace(os.path.join(d, ".tmpAbC123"), os.path.join(d, "config.json"))
+            yield d, subs, files
+
+    real_fsync = os.fsync
+    monkeypatch.setattr(C.os, "walk", walk)
+    monkeypatch.setattr(C.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                  real_fsync(fd)))
+    C.fsync_tree(tmp_path)
+    assert {Path(p).relative_to(tmp_path).as_posix() for p in synced} >= {"model.safetensors", "sub/rng-rank1.pt",
+                                                                        ".", "sub"}
+    monkeypatch.undo()
+
+    # The same race for real: another process renaming temporary files while the tree is fsynced.
+    import subprocess
+    import sys
+    import time
+
+    code = ("import os, sys\nd = sys.argv[1]\ni = 0\nwhile True:\n"
+            "    t = os.path.join(d, '.tmp%06d' % i)\n    open(t, 'wb').write(b'y')\n"
+            "    os.replace(t, os.path.join(d, 'part-%d.bin' % (i % 7)))\n    i += 1\n")
+    w = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)])
+    errors, deadline = [], time.monotonic() + 3
+    try:
+        while time.monotonic() < deadline and not errors:
+            try:
+                C.fsync_tree(tmp_path)
+            except OSError as e:
+                errors.append(e)
+    finally:
+        w.kill()
+        w.wait()
+    assert not errors, errors
