@@ -35,6 +35,9 @@ def _group(item) -> str:
     return _GROUPS.get(item.path.stem, item.path.stem)
 
 
+# tryfirst: xdist's own hook turns the marker into the scheduling group (a nodeid suffix); run after it,
+# the marker was ignored and every test was scheduled alone (each worker built every fixture).
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for it in items:
         it.add_marker(pytest.mark.xdist_group(_group(it)))
