@@ -214,9 +214,11 @@ def test_ctrl_c_without_terminal_detaches_then_stop_and_resume(cpt_home, tmp_pat
     # 0.15 s: the CLI caught up after the run had ended, and exited 0). The resumed run goes at full speed.
     env = {**cpt_home, "CPT_FAULT_SLOW_S": "0.5"}
     preset = tiny_preset(tmp_path / "p.yaml", [("s1", 80)], every=10)
+    # SIGINT at its default in the child: a shell without job control starts background commands (e.g. a
+    # CI script run with `&`) with SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
     p = subprocess.Popen([sys.executable, "-m", "cpt_tui.cli", "--run", str(preset), "--telemetry-interval", "0"],
                          env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run_id = p.stdout.readline().split()[1]
     for line in p.stdout:  # the foreground run shows progress...
         if line.startswith("[s1] step"):
