@@ -337,7 +337,6 @@ def test_pending_job_shows_reason_and_invalid_partition_is_exit_2(slurm_cluster:
     assert c.squeue(sched["job"]) == ""
 
 
-
 def test_a_job_its_nodes_cannot_launch_fails_naming_the_shared_filesystem(slurm_cluster: SlurmCluster, cpt_home,
                                                                          tmp_path):
     """Nodes that do not see the run directory: slurmd cannot open the job's output file and Slurm fails

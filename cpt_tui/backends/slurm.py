@@ -9,9 +9,10 @@ local pid). The script
 - finds the main process address: the first host of the allocation (`scontrol show hostnames`), as its
   `NodeAddr` (`scontrol show node -o`; on most clusters the node name itself),
 - `srun`s one `accelerate launch --num_machines N --machine_rank $SLURM_NODEID --main_process_ip <that>`
-  (`--main_process_port`: cluster.main_process_port, else PORT_BASE + job id % PORT_SPAN) per node under a small task wrapper (`_TASK`: ignores TERM itself, waits until every descendant is
-  gone — the trainer may still be writing its checkpoint when accelerate exits — and exits with the
-  launcher's status), with the stage's env exported,
+  (`--main_process_port`: cluster.main_process_port, else PORT_BASE + job id % PORT_SPAN) per node
+  under a small task wrapper (`_TASK`: ignores TERM itself, waits until every descendant is gone — the
+  trainer may still be writing its checkpoint when accelerate exits — and exits with the launcher's
+  status), with the stage's env exported,
 - traps the batch shell's TERM (Slurm sends it `grace` s before the time limit, and on preemption):
   it leaves a marker file and forwards TERM to the job's steps (`scancel --signal=TERM`), so the
   trainer checkpoints and exits; the stage is then resubmitted without counting as a crash,
@@ -312,9 +313,14 @@ class SlurmBackend(Backend):
 
     def _display(self, cmd: NodeCommand, stage_name: str, sl: StageLayout, attempt: int) -> str:
         script = self.script(cmd.launch, redact(cmd.env), sl, attempt, stage_name, task_code=TASK_PLACEHOLDER)
-        argv = [*cmd.argv[:-1], str(sl.sbatch_script(attempt))]
         return (f"# batch script {sl.sbatch_script(attempt)}:\n{script}\n# submitted with:\n"
-                f"{shlex.join(self._argv(argv))}")
+                f"{shlex.join(self._argv(self._attempt_argv(cmd, sl, attempt)))}")
+
+    @staticmethod
+    def _attempt_argv(cmd: NodeCommand, layout: StageLayout, attempt: int) -> list[str]:
+        """The sbatch argv of stage attempt `attempt` (commands() builds attempt 1's): its script, its log."""
+        argv = [*cmd.argv[:-1], str(layout.sbatch_script(attempt))]
+        return [a if not a.startswith("--output=") else f"--output={layout.log}" for a in argv]
 
     def describe(self, cmds: Sequence[NodeCommand], *, started: bool = False, attempt: int = 1) -> str:
         lines = []
@@ -355,9 +361,7 @@ class SlurmBackend(Backend):
             fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)  # may hold secrets
             with os.fdopen(fd, "w") as f:
                 f.write(self.script(c.launch, c.env, layout, attempt, layout.name))
-            argv = c.argv[:-1] + [str(script)]
-            argv = [a if not a.startswith("--output=") else f"--output={layout.log}" for a in argv]
-            r = self._run(argv, timeout=60)
+            r = self._run(self._attempt_argv(c, layout, attempt), timeout=60)
             job = r.stdout.strip().split(";")[0]
             if r.returncode != 0 or not job.isdigit():
                 why = (r.stderr or r.stdout).strip()
